@@ -1,0 +1,83 @@
+"""Pretrained tags: their timm cfgs, generated from the registry, and the warm-start checkpoint mapping.
+
+A warm tag (``resnet50_ema.warm_a1_in1k``) fetches timm's own safetensors checkpoint of the base
+(``timm/resnet50.a1_in1k``) through huggingface_hub and maps it into the variant so that its logits equal
+the base's: every EMA layer starts as x -> x/2 (gn and conv3x3 zero: both softmaxes uniform, every gate
+sigmoid(0)) and the factor 2 is folded into the layer that feeds it. conv1x1 keeps its random init; it
+receives gradient as soon as gn.weight leaves zero.
+"""
+from typing import Dict, Iterator, Tuple
+
+import torch
+from torch import nn
+from timm.data import ImageNetInfo
+from timm.models import get_pretrained_cfg
+
+from .layers import EMA
+from .registry import VARIANTS, Variant
+
+__all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'warm_start_state_dict']
+
+# The layer feeding each family's EMA, scaled by 2 in the warm start (first one the block has).
+_FOLD_INTO = {'resnet': ('bn3', 'bn2'), 'mobilenetv2': ('conv_pwl',)}
+
+# cfg fields that say where the base's weights live, replaced by the warm tag's own.
+_SOURCE_FIELDS = ('url', 'file', 'state_dict', 'source', 'architecture', 'tag', 'hf_hub_filename')
+
+
+def _imagenet_labels() -> Dict[str, object]:
+    info = ImageNetInfo('imagenet-1k')
+    names = info.label_names()
+    return {'label_names': names, 'label_descriptions': {n: info.label_name_to_description(n) for n in names}}
+
+
+def _warm_cfg(variant: Variant, labels: Dict[str, object]) -> Dict[str, object]:
+    base = get_pretrained_cfg(f'{variant.base}.{variant.base_tag}').to_dict()
+    for key in _SOURCE_FIELDS:
+        base.pop(key, None)
+    return dict(
+        base,
+        hf_hub_id=variant.base_hub_id,
+        hf_hub_filename='model.safetensors',  # safetensors only: never fall back to a pickle
+        paper_ids='arXiv:2305.13563',
+        description=f'Warm start from {variant.base_hub_id}: EMA layers start as x/2 with the factor 2 folded '
+                    f'into the preceding layer, so logits equal the base model\'s.',
+        **labels,
+    )
+
+
+def pretrained_cfgs(family: str) -> Dict[str, Dict[str, object]]:
+    """``{'<variant>.<tag>': cfg}`` for every variant of ``family``, the first tag of each its default."""
+    labels = _imagenet_labels()
+    return {f'{v.name}.{v.warm_tag}': _warm_cfg(v, labels) for v in VARIANTS.values() if v.family == family}
+
+
+def _ema_layers(model: nn.Module) -> Iterator[Tuple[str, EMA]]:
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, EMA))
+
+
+def _family(model: nn.Module) -> str:
+    arch = getattr(model, 'pretrained_cfg', {}).get('architecture', '')
+    return VARIANTS[arch].family
+
+
+def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a base checkpoint into ``model`` (an EMA variant) so that the variant computes the base's function."""
+    state = dict(base_state)
+    fold_into = _FOLD_INTO[_family(model)]
+    for name, ema in _ema_layers(model):
+        block = name.rsplit('.', 1)[0]
+        target = next(f'{block}.{layer}' for layer in fold_into if f'{block}.{layer}.weight' in state)
+        for suffix in ('weight', 'bias'):
+            if f'{target}.{suffix}' in state:
+                state[f'{target}.{suffix}'] = state[f'{target}.{suffix}'] * 2
+        for key, value in ema.state_dict().items():
+            keep = key.startswith('conv1x1.')  # random init: it gets gradient once gn.weight moves
+            state[f'{name}.{key}'] = value.detach().clone() if keep else torch.zeros_like(value)
+    return state
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's pretrained filter: base checkpoints (no EMA keys) get the warm start; EMA checkpoints pass as they are."""
+    has_ema = any(k.endswith(('.gn.weight', '.conv3x3.weight')) for k in state_dict)
+    return state_dict if has_ema else warm_start_state_dict(state_dict, model)

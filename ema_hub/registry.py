@@ -1,0 +1,94 @@
+"""The one table of EMA variants: the single source of truth for models, pretrained tags, listings and cards.
+
+Every variant is its timm base architecture with EMA added in every block (see ``PLACEMENT``). Model
+registration (``ema_hub.models``), the pretrained cfgs and warm-start mapping (``ema_hub.pretrained``),
+the model cards (``ema_hub.cards``) and the CLI's listing are all generated from ``VARIANTS``.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Tuple
+
+__all__ = ['Variant', 'VARIANTS', 'PLACEMENT', 'EMA_FACTOR', 'get_variant']
+
+# The paper's group count, used by every variant.
+EMA_FACTOR = 32
+
+# Where EMA sits in each family: read by the builders' docstrings, the cards and the placement tests.
+PLACEMENT = {
+    'resnet': 'after the last BatchNorm of every residual block (bn2 in basic blocks, bn3 in bottlenecks), '
+              'before the residual add: where timm places channel attention',
+    'mobilenetv2': 'in every inverted residual, after the depthwise convolution (and its BatchNorm + ReLU6), '
+                   'before the pointwise-linear projection: where timm places squeeze-excitation',
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EMA-augmented timm architecture and the facts its cards and warm-start tag need."""
+    name: str
+    base: str                   # timm architecture it augments
+    family: str                 # key of PLACEMENT; picks the builder
+    arch: Mapping[str, object]  # builder arguments (the base's own, as in its timm entry point)
+    base_tag: str               # the base's timm pretrained tag the warm start comes from
+    base_top1: float            # that tag's ImageNet-1k top-1 at its default resolution (timm results csv)
+    base_top5: float
+    params_m: float             # parameters, millions, of the 1000-class variant (a test recounts them)
+    base_params_m: float
+    gmacs: float                # GMACs at 224x224 (a test recounts them)
+    base_gmacs: float
+    description: str = field(default='')
+
+    @property
+    def warm_tag(self) -> str:
+        return f'warm_{self.base_tag}'
+
+    @property
+    def base_hub_id(self) -> str:
+        """The Hub repo of the base checkpoint, as timm publishes it."""
+        return f'timm/{self.base}.{self.base_tag}'
+
+    @property
+    def placement(self) -> str:
+        return PLACEMENT[self.family]
+
+
+def _resnet(name, base, layers, block, base_tag, top1, top5, params, base_params, gmacs, base_gmacs, **extra):
+    return Variant(
+        name=name, base=base, family='resnet', arch=dict(block=block, layers=layers, **extra),
+        base_tag=base_tag, base_top1=top1, base_top5=top5, params_m=params, base_params_m=base_params,
+        gmacs=gmacs, base_gmacs=base_gmacs,
+    )
+
+
+def _mobilenetv2(name, base, multiplier, base_tag, top1, top5, params, base_params, gmacs, base_gmacs):
+    return Variant(
+        name=name, base=base, family='mobilenetv2', arch=dict(channel_multiplier=multiplier),
+        base_tag=base_tag, base_top1=top1, base_top5=top5, params_m=params, base_params_m=base_params,
+        gmacs=gmacs, base_gmacs=base_gmacs,
+    )
+
+
+_TABLE: Tuple[Variant, ...] = (
+    # name, base, layers, block, base tag, top-1, top-5, params (M) ema/base, GMACs ema/base
+    _resnet('resnet18_ema', 'resnet18', (2, 2, 2, 2), 'basic', 'a1_in1k', 71.504, 90.086, 11.70, 11.69, 1.82, 1.81),
+    _resnet('resnet34_ema', 'resnet34', (3, 4, 6, 3), 'basic', 'a1_in1k', 76.420, 92.896, 21.81, 21.80, 3.68, 3.66),
+    _resnet('resnet50_ema', 'resnet50', (3, 4, 6, 3), 'bottleneck', 'a1_in1k', 80.382, 94.598, 25.76, 25.56, 4.16, 4.09),
+    _resnet('resnet101_ema', 'resnet101', (3, 4, 23, 3), 'bottleneck', 'a1h_in1k', 81.950, 95.760,
+            44.92, 44.55, 7.93, 7.80),
+    _resnet('resnet152_ema', 'resnet152', (3, 8, 36, 3), 'bottleneck', 'a1h_in1k', 82.818, 96.124,
+            60.71, 60.19, 11.70, 11.51),
+    _resnet('resnext50_32x4d_ema', 'resnext50_32x4d', (3, 4, 6, 3), 'bottleneck', 'a1h_in1k', 81.140, 95.320,
+            25.23, 25.03, 4.31, 4.23, cardinality=32, base_width=4),
+    _mobilenetv2('mobilenetv2_100_ema', 'mobilenetv2_100', 1.0, 'ra_in1k', 72.910, 91.000, 3.55, 3.50, 0.32, 0.30),
+    _mobilenetv2('mobilenetv2_140_ema', 'mobilenetv2_140', 1.4, 'ra_in1k', 76.528, 93.008, 6.22, 6.11, 0.62, 0.58),
+)
+
+VARIANTS: Dict[str, Variant] = {v.name: v for v in _TABLE}
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name`` (a ``.tag`` suffix is ignored); KeyError lists the valid names."""
+    key = name.split('.', 1)[0]
+    try:
+        return VARIANTS[key]
+    except KeyError:
+        raise KeyError(f'unknown EMA variant {name!r}; valid: {", ".join(VARIANTS)}') from None

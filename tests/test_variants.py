@@ -1,0 +1,121 @@
+"""The variants: registered with timm, EMA in the right places, the base architecture otherwise unchanged."""
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import ema_hub
+from ema_hub import EMA, VARIANTS
+from timm.models.resnet import BasicBlock, Bottleneck
+from timm.models._efficientnet_blocks import InvertedResidual
+
+NAMES = list(VARIANTS)
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_listed_by_timm():
+    assert sorted(timm.list_models('*_ema')) == sorted(NAMES)
+    assert sorted(timm.list_models('*_ema', pretrained=True)) == sorted(
+        f'{v.name}.{v.warm_tag}' for v in VARIANTS.values())
+
+
+def test_default_tag_is_warm_start():
+    for name, v in VARIANTS.items():
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.tag == v.warm_tag and cfg.hf_hub_id == v.base_hub_id
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_placement_and_parameters(name):
+    v = VARIANTS[name]
+    model, base = timm.create_model(name), timm.create_model(v.base)
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, InvertedResidual))]
+    base_blocks = [m for m in base.modules() if isinstance(m, (BasicBlock, Bottleneck, InvertedResidual))]
+    emas = [m for m in model.modules() if isinstance(m, EMA)]
+    assert len(blocks) == len(base_blocks) > 0
+    # One EMA per block, in the block's attention slot, sized to what that slot sees.
+    assert len(emas) == len(blocks)
+    for block in blocks:
+        assert isinstance(block.se, EMA)
+        if v.family == 'resnet':
+            last_norm = block.bn3 if hasattr(block, 'bn3') else block.bn2
+            channels = last_norm.num_features
+        else:
+            channels = block.conv_pwl.in_channels
+        assert block.se.gn.num_channels * block.se.groups == channels
+    # Everything but the EMA layers is the base, parameter for parameter.
+    ema_keys = {k for k in model.state_dict() if '.se.' in k}
+    rest = {k: t.shape for k, t in model.state_dict().items() if k not in ema_keys}
+    assert rest == {k: t.shape for k, t in base.state_dict().items()}
+    ema_params = sum(_params(m) for m in emas)
+    assert _params(model) == _params(base) + ema_params
+    # The registry's card facts are what the model really has.
+    assert round(_params(model) / 1e6, 2) == pytest.approx(v.params_m, abs=0.01)
+    assert round(_params(base) / 1e6, 2) == pytest.approx(v.base_params_m, abs=0.01)
+
+
+@pytest.mark.parametrize('name', ['resnet18_ema', 'resnet50_ema', 'mobilenetv2_100_ema'])
+def test_gmacs_match_registry(name):
+    v = VARIANTS[name]
+
+    def gmacs(arch):
+        model = timm.create_model(arch).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, 224, 224))
+        return counter.get_total_flops() / 2e9
+
+    assert gmacs(name) == pytest.approx(v.gmacs, abs=0.01)
+    assert gmacs(v.base) == pytest.approx(v.base_gmacs, abs=0.01)
+
+
+def test_ema_sits_before_residual_add():
+    """Zeroing EMA's output must leave only the shortcut: it is on the residual branch, before the add."""
+    model = timm.create_model('resnet50_ema').eval()
+    block = model.layer2[1]
+    x = torch.randn(1, 512, 8, 8)
+    block.se.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    with torch.no_grad():
+        assert torch.equal(block(x), torch.relu(x))
+
+
+def test_mobilenet_ema_after_depthwise():
+    model = timm.create_model('mobilenetv2_100_ema').eval()
+    block = model.blocks[2][0]
+    seen = {}
+    block.se.register_forward_hook(lambda m, i, o: seen.update(inp=i[0]))
+    block.conv_dw.register_forward_hook(lambda m, i, o: seen.update(dw=o))
+    block.conv_pwl.register_forward_pre_hook(lambda m, i: seen.update(pwl=i[0]))
+    with torch.no_grad():
+        block(torch.randn(1, block.conv_pw.in_channels, 16, 16))
+        expected_in = block.bn2(seen['dw'])
+    torch.testing.assert_close(seen['inp'], expected_in)
+    torch.testing.assert_close(seen['pwl'], block.se(expected_in))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_create_model_kwargs(name):
+    model = timm.create_model(name, num_classes=7, in_chans=1, drop_path_rate=0.1)
+    out = model(torch.randn(2, 1, 64, 48))
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if '.se.' in n and 'conv3x3' in n)
+
+
+@pytest.mark.parametrize('name', ['resnet18_ema', 'resnext50_32x4d_ema', 'mobilenetv2_140_ema'])
+def test_features_only_matches_base(name):
+    v = VARIANTS[name]
+    feats = timm.create_model(name, features_only=True, out_indices=(1, 2, 4))
+    base = timm.create_model(v.base, features_only=True, out_indices=(1, 2, 4))
+    assert feats.feature_info.channels() == base.feature_info.channels()
+    assert feats.feature_info.reduction() == base.feature_info.reduction()
+    outs = feats(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == base.feature_info.channels()
+
+
+def test_public_api():
+    assert ema_hub.get_variant('resnet50_ema.warm_a1_in1k') is VARIANTS['resnet50_ema']
+    with pytest.raises(KeyError, match='resnet50_ema'):
+        ema_hub.get_variant('resnet51_ema')
