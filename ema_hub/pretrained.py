@@ -16,7 +16,7 @@ from timm.models import get_pretrained_cfg
 from .layers import EMA
 from .registry import VARIANTS, Variant
 
-__all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'warm_start_state_dict']
+__all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'warm_start_state_dict', 'loads_weights']
 
 # The layer feeding each family's EMA, scaled by 2 in the warm start (first one the block has).
 _FOLD_INTO = {'resnet': ('bn3', 'bn2'), 'mobilenetv2': ('conv_pwl',)}
@@ -81,3 +81,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """timm's pretrained filter: base checkpoints (no EMA keys) get the warm start; EMA checkpoints pass as they are."""
     has_ema = any(k.endswith(('.gn.weight', '.conv3x3.weight')) for k in state_dict)
     return state_dict if has_ema else warm_start_state_dict(state_dict, model)
+
+
+def loads_weights(pretrained: bool, pretrained_cfg) -> bool:
+    """Whether a builder loads weights: when asked, and always for ``hf-hub:``/``local-dir:`` specs.
+
+    Those specs name a checkpoint, so ``timm.create_model('hf-hub:<repo>')`` loads its weights without
+    ``pretrained=True`` (for timm's own models that flag is needed).
+    """
+    source = pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'source', None)
+    return bool(pretrained) or source in ('hf-hub', 'local-dir')

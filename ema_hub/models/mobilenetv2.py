@@ -13,7 +13,7 @@ from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer
 from timm.models.efficientnet import EfficientNet, _create_effnet
 
 from ..layers import EMA
-from ..pretrained import checkpoint_filter_fn, pretrained_cfgs
+from ..pretrained import checkpoint_filter_fn, loads_weights, pretrained_cfgs
 from ..registry import VARIANTS
 
 # timm's MobileNetV2 definition (efficientnet._gen_mobilenet_v2) with EMA on the inverted residuals.
@@ -46,6 +46,7 @@ def _create_mobilenetv2_ema(variant: str, pretrained: bool = False, **kwargs) ->
         **kwargs,
     )
     # timm's _create_effnet handles features_only the timm way; the filter maps base checkpoints.
+    pretrained = loads_weights(pretrained, kwargs.get('pretrained_cfg'))
     return _create_effnet(variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **model_kwargs)
 
 

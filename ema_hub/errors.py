@@ -1,0 +1,51 @@
+"""Exceptions callers can catch. Each message is one line that names the problem and the fix; the CLI prints it as is."""
+
+__all__ = [
+    'EmaHubError', 'WeightsUnavailableError', 'UnknownModelError', 'CorruptWeightsError', 'ShapeMismatchError',
+    'CheckpointKeysError',
+]
+
+
+class EmaHubError(Exception):
+    """Base class of ema-hub's errors."""
+
+
+class WeightsUnavailableError(EmaHubError, OSError):
+    """Weights could not be fetched: no network, unknown repo, missing file, or offline with a cold cache."""
+
+
+class UnknownModelError(EmaHubError, ValueError):
+    """An unknown variant or pretrained tag; the message lists the valid ones."""
+
+
+class CorruptWeightsError(EmaHubError, ValueError):
+    """A weights file is truncated, corrupted or not safetensors."""
+
+
+class ShapeMismatchError(EmaHubError, ValueError):
+    """A checkpoint tensor does not fit the model; the message names the first such key and both shapes."""
+
+    def __init__(self, key: str, checkpoint_shape, model_shape, source: str = 'the checkpoint'):
+        self.key, self.checkpoint_shape, self.model_shape = key, tuple(checkpoint_shape), tuple(model_shape)
+        super().__init__(
+            f'{source} does not fit the model: {key} has shape {self.checkpoint_shape} in the checkpoint but '
+            f'{self.model_shape} in the model; pick the variant (and num_classes/in_chans) it was trained with')
+
+
+class CheckpointKeysError(EmaHubError, ValueError):
+    """A checkpoint's keys do not match the variant: unknown and missing keys are listed by name."""
+
+    def __init__(self, source: str, variant: str, unknown=(), missing=()):
+        self.unknown, self.missing = sorted(unknown), sorted(missing)
+        parts = []
+        if self.unknown:
+            parts.append(f'{len(self.unknown)} unknown key(s): {_names(self.unknown)}')
+        if self.missing:
+            parts.append(f'{len(self.missing)} missing key(s): {_names(self.missing)}')
+        super().__init__(
+            f'{source} does not match {variant}: {"; ".join(parts)}; check that it is a checkpoint of {variant}')
+
+
+def _names(keys, limit: int = 5) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... (+{len(keys) - limit} more)' if len(keys) > limit else '')

@@ -1,0 +1,347 @@
+"""Models and weights on the Hugging Face Hub: create, download, publish and convert, with errors callers can act on.
+
+Model specs, everywhere (library and CLI): a variant (``resnet50_ema``, its default tag), ``variant.tag``,
+``hf-hub:<repo_id>`` (a published checkpoint in timm's Hub layout) or ``local-dir:<folder>`` (the same layout
+on disk). Loading is timm's own (``timm.create_model``); downloads go through huggingface_hub, so its cache,
+``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply.
+"""
+import contextlib
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import SafetensorError
+from torch import nn
+
+from .errors import CheckpointKeysError, CorruptWeightsError, ShapeMismatchError, UnknownModelError, \
+    WeightsUnavailableError
+from .pretrained import checkpoint_filter_fn
+from .registry import VARIANTS
+
+__all__ = [
+    'create_model', 'resolve_model', 'pretrained_tags', 'weights_location', 'is_cached', 'download', 'load_weights',
+    'save_pretrained', 'publish', 'convert_checkpoint', 'class_labels',
+]
+
+PathLike = Union[str, Path]
+_PREFIXES = ('hf-hub:', 'local-dir:')
+# Files a published checkpoint consists of (timm's Hub layout plus its card).
+_CHECKPOINT_FILES = ['config.json', 'model.safetensors', 'README.md']
+_WEIGHTS_FILE = 'model.safetensors'
+
+
+def pretrained_tags(variant: str) -> List[str]:
+    """The pretrained tags of ``variant``, its default first."""
+    return [name.split('.', 1)[1] for name in timm.list_pretrained(f'{variant}.*')]
+
+
+def resolve_model(model: str) -> str:
+    """Check a model spec and return it; UnknownModelError lists the valid variants or tags."""
+    if model.startswith(_PREFIXES):
+        return model
+    name, _, tag = model.partition('.')
+    if name not in VARIANTS:
+        raise UnknownModelError(
+            f'unknown model {model!r}; use one of {", ".join(VARIANTS)}, or hf-hub:<repo_id>, or local-dir:<folder>')
+    if tag and tag not in pretrained_tags(name):
+        raise UnknownModelError(f'unknown tag {tag!r} for {name}; valid tags: {", ".join(pretrained_tags(name))}')
+    return model
+
+
+def weights_location(model: str) -> Tuple[str, str]:
+    """(repo_id, filename) of the weights file that ``create_model(model, pretrained=True)`` downloads."""
+    model = resolve_model(model)
+    if model.startswith('local-dir:'):
+        raise UnknownModelError(f'{model} is a local folder, not a Hub checkpoint; use its path directly')
+    if model.startswith('hf-hub:'):
+        return model[len('hf-hub:'):], _WEIGHTS_FILE
+    cfg = timm.models.get_pretrained_cfg(model)
+    return cfg.hf_hub_id, cfg.hf_hub_filename or _WEIGHTS_FILE
+
+
+def is_cached(model: str) -> bool:
+    """Whether the model's weights are in the local Hugging Face cache (so HF_HUB_OFFLINE=1 can load them)."""
+    repo_id, filename = weights_location(model)
+    names = [filename, 'config.json'] if model.startswith('hf-hub:') else [filename]
+    return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in names)
+
+
+@contextlib.contextmanager
+def _hub_errors(model: str) -> Iterator[None]:
+    """Turn huggingface_hub, safetensors and load_state_dict failures into one-line errors that say what to do."""
+    where = f'the Hub at {constants.ENDPOINT}'
+    try:
+        yield
+    except RepositoryNotFoundError as e:
+        raise WeightsUnavailableError(
+            f'{model}: repository {_repo_of(e)} not found on {where}; check the repo id, set HF_ENDPOINT to a mirror '
+            f'that has it, or pass a local weights file') from None
+    except RevisionNotFoundError:
+        raise WeightsUnavailableError(f'{model}: revision not found on {where}; check the revision') from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise WeightsUnavailableError(
+            f'{model}: weights are not in the local cache and {where} cannot be reached; connect, set HF_ENDPOINT to '
+            f'a mirror, or prefetch with `ema-hub download {model}` and then use HF_HUB_OFFLINE=1, '
+            f'or pass a local weights file') from None
+    except EntryNotFoundError as e:
+        raise WeightsUnavailableError(
+            f'{model}: {_file_of(e)} is missing from its repository on {where}; check the repo holds a timm '
+            f'checkpoint (config.json, model.safetensors), or pass a local weights file') from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, 'response', None), 'status_code', '?')
+        raise WeightsUnavailableError(
+            f'{model}: {where} answered HTTP {status}; retry later, set HF_ENDPOINT to a mirror, or pass a local '
+            f'weights file') from None
+    except SafetensorError as e:
+        raise CorruptWeightsError(
+            f'{model}: the weights file is truncated or corrupted ({e}); download it again with '
+            f'`ema-hub download {model} --force`') from None
+    except RuntimeError as e:
+        raise _load_error(e, model) or e
+
+
+def _repo_of(error: Exception) -> str:
+    match = re.search(r'/api/models/([^/\s]+/[^/\s]+)|/([^/\s]+/[^/\s]+)/resolve/', str(error))
+    return next((g for g in match.groups() if g), 'the repository') if match else 'the repository'
+
+
+def _file_of(error: Exception) -> str:
+    match = re.search(r'/resolve/[^/\s]+/(\S+)', str(error))
+    return match.group(1).rstrip('.') if match else 'a file'
+
+
+_SIZE_MISMATCH = re.compile(r'size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) '
+                            r'from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)')
+
+
+_KEYS = {kind: re.compile(kind + r' key\(s\) in state_dict: ((?:"[^"]+"(?:, )?)+)') for kind in ('Unexpected', 'Missing')}
+
+
+def _load_error(error: RuntimeError, source: str) -> Optional[Exception]:
+    """The specific error behind torch's load_state_dict RuntimeError, if it is one."""
+    text = str(error)
+    match = _SIZE_MISMATCH.search(text)
+    if match:
+        def shape(dims):
+            return tuple(int(d) for d in dims.split(',') if d.strip())
+        return ShapeMismatchError(match.group(1), shape(match.group(2)), shape(match.group(3)), source)
+    keys = {kind: re.findall(r'"([^"]+)"', m.group(1)) for kind, rx in _KEYS.items() if (m := rx.search(text))}
+    if keys:
+        arch = source.split('.', 1)[0]
+        return CheckpointKeysError(source, arch, keys.get('Unexpected', ()), keys.get('Missing', ()))
+    return None
+
+
+def create_model(
+        model: str = 'resnet50_ema',
+        *,
+        pretrained: bool = True,
+        weights: Optional[PathLike] = None,
+        **kwargs,
+) -> nn.Module:
+    """``timm.create_model`` for a model spec, with pretrained weights by default and errors callers can act on.
+
+    Args:
+        model: a variant, ``variant.tag``, ``hf-hub:<repo_id>`` or ``local-dir:<folder>``.
+        pretrained: load the spec's pretrained weights.
+        weights: a local safetensors file to load instead (EMA or base-architecture weights).
+        **kwargs: timm.create_model arguments (num_classes, in_chans, features_only, ...).
+    """
+    model = resolve_model(model)
+    if model.startswith('local-dir:') and not Path(model[len('local-dir:'):]).is_dir():
+        raise WeightsUnavailableError(f'{model}: no such folder; give a folder holding config.json and '
+                                      f'model.safetensors (as written by `ema-hub download --to` or publish)')
+    if weights is not None:
+        net = timm.create_model(model, pretrained=False, **kwargs)
+        load_weights(net, weights)
+        return net
+    with _hub_errors(model):
+        return timm.create_model(model, pretrained=pretrained, **kwargs)
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a local safetensors file (an EMA checkpoint, or its base's, which gets the warm start) into ``model``."""
+    path = Path(path)
+    state = _read_safetensors(path)
+    state = checkpoint_filter_fn(state, model)
+    _check_state_dict(state, model, str(path))
+    model.load_state_dict(state)
+    return model
+
+
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsUnavailableError(f'weights file {path} does not exist; check the path')
+    try:
+        return safetensors.torch.load_file(str(path), device='cpu')
+    except SafetensorError as e:
+        hint = ('convert it first with `ema-hub convert`' if path.suffix in ('.pth', '.pt', '.bin', '.ckpt')
+                else 'it is truncated or corrupted: export or download it again')
+        raise CorruptWeightsError(f'{path} is not a valid safetensors file ({e}); {hint}') from None
+
+
+def _check_state_dict(state: Dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise ShapeMismatchError for the first tensor that does not fit, CheckpointKeysError for unknown/missing keys."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():  # in model order, so "first" means first in the network
+        if key in state and state[key].shape != tensor.shape:
+            raise ShapeMismatchError(key, state[key].shape, tensor.shape, source)
+    unknown = set(state) - set(expected)
+    # BatchNorm's step counters carry no weights; checkpoints often leave them out.
+    missing = {k for k in set(expected) - set(state) if not k.endswith('num_batches_tracked')}
+    if unknown or missing:
+        arch = getattr(model, 'pretrained_cfg', {}).get('architecture', 'the model')
+        raise CheckpointKeysError(source, arch, unknown, missing)
+
+
+def class_labels(model: nn.Module) -> Optional[List[str]]:
+    """Human-readable class names from the model's pretrained cfg (ImageNet descriptions, or folder names)."""
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    names = cfg.get('label_names')
+    if not names or len(names) != getattr(model, 'num_classes', len(names)):
+        return None
+    descriptions = cfg.get('label_descriptions') or {}
+    return [descriptions.get(n, n) for n in names]
+
+
+def download(model: str, to: Optional[PathLike] = None, force: bool = False) -> Path:
+    """Prefetch a model's weights: into the Hugging Face cache (the default), or as a loadable folder.
+
+    With ``to``, the folder holds the model in timm's Hub layout (config.json, model.safetensors, README.md):
+    warm tags are mapped first, so ``timm.create_model('local-dir:<to>')`` gives the tag's model offline.
+    """
+    model = resolve_model(model)
+    if to is not None:
+        if model.startswith('hf-hub:'):
+            with _hub_errors(model):
+                return Path(snapshot_download(model[len('hf-hub:'):], allow_patterns=_CHECKPOINT_FILES,
+                                              local_dir=to, force_download=force))
+        if force and not model.startswith('local-dir:'):
+            download(model, force=True)
+        return save_pretrained(create_model(model), to)
+    repo_id, filename = weights_location(model)
+    with _hub_errors(model):
+        if model.startswith('hf-hub:'):
+            return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES, force_download=force))
+        return Path(hf_hub_download(repo_id, filename, force_download=force))
+
+
+def save_pretrained(
+        model: nn.Module,
+        folder: PathLike,
+        repo_id: Optional[str] = None,
+        metrics: Optional[Dict[str, object]] = None,
+        data_config: Optional[Dict[str, object]] = None,
+        label_names: Optional[List[str]] = None,
+) -> Path:
+    """Write ``model`` in timm's Hub layout (config.json, model.safetensors) with its model card as README.md.
+
+    ``data_config`` (input_size, interpolation, crop_pct, mean, std) and ``label_names`` (one per class) go
+    into config.json, replacing those of the model's pretrained cfg.
+    """
+    from .cards import render_card  # the card needs the registry only; imported here to keep import light
+
+    folder = Path(folder)
+    model_config = {'label_names': list(label_names)} if label_names is not None else None
+    timm.models.save_for_hf(
+        model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    variant = model.pretrained_cfg['architecture']
+    if metrics:
+        card = render_card(variant, repo_id=repo_id, weights='trained', metrics=dict(
+            metrics, num_classes=model.num_classes))
+    else:
+        card = render_card(variant, repo_id=repo_id)
+    (folder / 'README.md').write_text(card, encoding='utf-8')
+    return folder
+
+
+def publish(
+        model: Union[str, nn.Module],
+        repo_id: str,
+        *,
+        dry_run_dir: Optional[PathLike] = None,
+        token: Optional[str] = None,
+        private: bool = False,
+        metrics: Optional[Dict[str, object]] = None,
+) -> str:
+    """Publish a model (a spec or a module) to ``repo_id`` in timm's Hub layout; with ``dry_run_dir``, stop at the folder.
+
+    Returns the folder path for a dry run, else the URL of the commit.
+    """
+    net = create_model(model) if isinstance(model, str) else model
+    if dry_run_dir is not None:
+        return str(save_pretrained(net, dry_run_dir, repo_id=repo_id, metrics=metrics))
+    with tempfile.TemporaryDirectory() as tmp, _hub_errors(f'hf-hub:{repo_id}'):
+        save_pretrained(net, tmp, repo_id=repo_id, metrics=metrics)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        commit = api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message='Upload ema-hub checkpoint')
+        return str(getattr(commit, 'commit_url', commit))
+
+
+# Keys a checkpoint may be wrapped in (training scripts save {'state_dict': ...}, {'model': ...}, ...).
+_WRAPPERS = ('state_dict', 'model', 'model_state_dict', 'module', 'net')
+# The paper's code names the attention module freely (ema, attention, ...); timm's slot is `se`.
+_PAPER_ATTENTION = re.compile(r'^(?P<block>.+)\.(?P<attn>[^.]+)\.(?P<part>gn|conv1x1|conv3x3)\.(?P<param>weight|bias)$')
+
+
+def convert_checkpoint(source: PathLike, variant: str, out: PathLike) -> Dict[str, object]:
+    """Convert a checkpoint of the paper's code (gn/conv1x1/conv3x3 attention keys) to safetensors for ``variant``.
+
+    Pickles are read with ``torch.load(weights_only=True)`` only: tensors, never code. Wrappers
+    (``state_dict``/``model``/...) and DDP's ``module.`` prefix are removed; the attention module's keys are
+    renamed to timm's ``se`` slot. Unknown, missing and mismatched keys are reported by name.
+    """
+    source = Path(source)
+    model_name = resolve_model(variant).split('.', 1)[0]
+    state = _read_any_checkpoint(source)
+    renamed = 0
+    converted = {}
+    for key, tensor in state.items():
+        key = key[len('module.'):] if key.startswith('module.') else key
+        match = _PAPER_ATTENTION.match(key)
+        if match and match.group('attn') != 'se':
+            key = f"{match.group('block')}.se.{match.group('part')}.{match.group('param')}"
+            renamed += 1
+        converted[key] = tensor.contiguous()
+    classifier = timm.models.get_pretrained_cfg(model_name).classifier
+    head = converted.get(f'{classifier}.weight')
+    kwargs = {'num_classes': head.shape[0]} if head is not None else {}
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    _check_state_dict(converted, model, str(source))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(converted, str(out), metadata={'format': 'pt', 'architecture': model_name})
+    return {'out': str(out), 'variant': model_name, 'tensors': len(converted), 'renamed': renamed,
+            'num_classes': model.num_classes}
+
+
+def _read_any_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsUnavailableError(f'checkpoint {path} does not exist; check the path')
+    if path.suffix == '.safetensors':
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle, zip and weights-only refusals all mean the same thing to the caller
+        raise CorruptWeightsError(
+            f'{path} cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: '
+            f'{str(e).splitlines()[0][:160]}); re-save it as a state dict (torch.save(model.state_dict(), ...))'
+        ) from None
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CorruptWeightsError(f'{path} holds no state dict of tensors; re-save it as a state dict')
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
