@@ -27,7 +27,7 @@ from timm.models import get_pretrained_cfg
 
 from . import models as _models  # noqa: F401  (registers the variants with timm)
 from .layers import EMA
-from .registry import EMA_FACTOR, Variant, VARIANTS, get_variant
+from .registry import EMA_FACTOR, FAMILIES, Variant, VARIANTS, get_variant
 
 __all__ = ['render_card', 'write_cards', 'check_cards', 'CARD_TAGS', 'PAPER_URL']
 
@@ -50,11 +50,6 @@ _CITATION = """\
   archivePrefix = {arXiv},
 }"""
 
-# The layer each family's warm start scales by 2, in words (ema_hub.pretrained._FOLD_INTO).
-_FOLD_WORDS = {
-    'resnet': 'the BatchNorm before it (`bn3` in bottlenecks, `bn2` in basic blocks, weight and bias)',
-    'mobilenetv2': 'the pointwise-linear projection after it (`conv_pwl` weight)',
-}
 _BLOCK_WORDS = {'resnet': 'residual block', 'mobilenetv2': 'inverted residual'}
 _TRAINED_KEYS = ('top1', 'dataset', 'num_classes')
 _HUB_DATASET = re.compile(r'^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$')
@@ -242,7 +237,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
     # Weights and accuracy.
     fold = (f'Every EMA layer starts as x → x/2 (`gn` and `conv3x3` weights and biases zero, so both softmaxes '
             f'are uniform and every gate is sigmoid(0); `conv1x1` keeps its random init) and the factor 2 is '
-            f'folded into {_FOLD_WORDS[v.family]}, so the logits equal the base\'s.')
+            f'folded into {FAMILIES[v.family].fold_words}, so the logits equal the base\'s.')
     base_acc = (f'ImageNet-1k top-1 **{v.base_top1:.3f} %**, top-5 **{v.base_top5:.3f} %** at '
                 f'{_size(cfg.input_size)} (crop {cfg.crop_pct:g})')
     lines += ['## Weights and accuracy', '']

@@ -14,12 +14,9 @@ from timm.data import ImageNetInfo
 from timm.models import get_pretrained_cfg
 
 from .layers import EMA
-from .registry import VARIANTS, Variant
+from .registry import FAMILIES, VARIANTS, Variant
 
 __all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'warm_start_state_dict', 'loads_weights']
-
-# The layer feeding each family's EMA, scaled by 2 in the warm start (first one the block has).
-_FOLD_INTO = {'resnet': ('bn3', 'bn2'), 'mobilenetv2': ('conv_pwl',)}
 
 # cfg fields that say where the base's weights live, replaced by the warm tag's own.
 _SOURCE_FIELDS = ('url', 'file', 'state_dict', 'source', 'architecture', 'tag', 'hf_hub_filename')
@@ -64,7 +61,7 @@ def _family(model: nn.Module) -> str:
 def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map a base checkpoint into ``model`` (an EMA variant) so that the variant computes the base's function."""
     state = dict(base_state)
-    fold_into = _FOLD_INTO[_family(model)]
+    fold_into = FAMILIES[_family(model)].fold_into
     for name, ema in _ema_layers(model):
         block = name.rsplit('.', 1)[0]
         target = next(f'{block}.{layer}' for layer in fold_into if f'{block}.{layer}.weight' in state)

@@ -1,23 +1,38 @@
 """The one table of EMA variants: the single source of truth for models, pretrained tags, listings and cards.
 
-Every variant is its timm base architecture with EMA added in every block (see ``PLACEMENT``). Model
+Every variant is its timm base architecture with EMA added in every block (see ``FAMILIES``). Model
 registration (``ema_hub.models``), the pretrained cfgs and warm-start mapping (``ema_hub.pretrained``),
 the model cards (``ema_hub.cards``) and the CLI's listing are all generated from ``VARIANTS``.
 """
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Tuple
 
-__all__ = ['Variant', 'VARIANTS', 'PLACEMENT', 'EMA_FACTOR', 'get_variant']
+__all__ = ['Family', 'FAMILIES', 'Variant', 'VARIANTS', 'EMA_FACTOR', 'get_variant']
 
 # The paper's group count, used by every variant.
 EMA_FACTOR = 32
 
-# Where EMA sits in each family: read by the builders' docstrings, the cards and the placement tests.
-PLACEMENT = {
-    'resnet': 'after the last BatchNorm of every residual block (bn2 in basic blocks, bn3 in bottlenecks), '
-              'before the residual add: where timm places channel attention',
-    'mobilenetv2': 'in every inverted residual, after the depthwise convolution (and its BatchNorm + ReLU6), '
-                   'before the pointwise-linear projection: where timm places squeeze-excitation',
+@dataclass(frozen=True)
+class Family:
+    """Where EMA sits in an architecture family, and which layer the warm start scales by 2."""
+    placement: str                # in words: builders' docstrings, cards, the placement tests
+    fold_into: Tuple[str, ...]    # the layer feeding (or fed by) EMA, first one a block has
+    fold_words: str               # the same, in words for the cards
+
+
+FAMILIES = {
+    'resnet': Family(
+        placement='after the last BatchNorm of every residual block (bn2 in basic blocks, bn3 in bottlenecks), '
+                  'before the residual add: where timm places channel attention',
+        fold_into=('bn3', 'bn2'),
+        fold_words='the BatchNorm before it (`bn3` in bottlenecks, `bn2` in basic blocks, weight and bias)',
+    ),
+    'mobilenetv2': Family(
+        placement='in every inverted residual, after the depthwise convolution (and its BatchNorm + ReLU6), '
+                  'before the pointwise-linear projection: where timm places squeeze-excitation',
+        fold_into=('conv_pwl',),
+        fold_words='the pointwise-linear projection after it (`conv_pwl` weight)',
+    ),
 }
 
 
@@ -26,7 +41,7 @@ class Variant:
     """One EMA-augmented timm architecture and the facts its cards and warm-start tag need."""
     name: str
     base: str                   # timm architecture it augments
-    family: str                 # key of PLACEMENT; picks the builder
+    family: str                 # key of FAMILIES; picks the builder
     arch: Mapping[str, object]  # builder arguments (the base's own, as in its timm entry point)
     base_tag: str               # the base's timm pretrained tag the warm start comes from
     base_top1: float            # that tag's ImageNet-1k top-1 at its default resolution (timm results csv)
@@ -48,7 +63,7 @@ class Variant:
 
     @property
     def placement(self) -> str:
-        return PLACEMENT[self.family]
+        return FAMILIES[self.family].placement
 
 
 def _resnet(name, base, layers, block, base_tag, top1, top5, params, base_params, gmacs, base_gmacs, **extra):
