@@ -14,11 +14,19 @@ This computes exactly the paper's function with far less work than its reference
   columns and the four corners: s2 comes from those nine sums, again without the convolution.
 * s2 . gn(a) folds into one coefficient per channel on a plus a constant.
 
-The straightforward form lives in the test suite (tests/ema_reference.py) as the oracle.
+The straightforward form lives in ema_hub/reference.py (test oracle and benchmark baseline).
+
+Cost model (CPU, measured with torch.profiler, profile_memory=True): the layer is memory bound, and on
+the target machines a fresh full-size (n, c, H, W) buffer costs more in page faults than the pass that
+fills it, so formulations are picked by how many full-size buffers forward AND autograd's backward
+allocate, and by avoiding ops whose backward scatters into a zero-filled full-size tensor (indexing,
+slicing). Allocated bytes per training step, in units of the input size, stage shapes at batch 8:
+~33F before this rework -> ~21F (inference ~6F); ``python -m ema_hub.benchmark`` measures the rest.
 """
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['EMA', 'ema_groups']
@@ -60,31 +68,39 @@ class EMA(nn.Module):
         c = ch // self.groups
         gx = x.reshape(n, c, h, w)
 
-        # 1x1 branch: directional average pools, a shared 1x1 conv, sigmoid gates (paper eq. 1-2).
-        row = gx.mean(3)
-        col = gx.mean(2)
+        # Row sums plus the first and last column in one matmul against a (w, 3) matrix [1, e_0, e_{w-1}]:
+        # its backward is one dense matmul, whereas gx[..., 0]-style indexing (the corners s2 needs) makes
+        # autograd fill and scatter into a zero full-size tensor per index (the top backward cost before).
+        # Column sums by sum(): its backward is a broadcast view, free.
+        # (Built from ones_like/pad so that FX and export trace it with symbolic w.)
+        first = F.pad(torch.ones_like(gx[0, 0, 0, :1]), (0, w - 1))
+        edge = torch.stack([torch.ones_like(gx[0, 0, 0]), first, first.flip(0)], 1)
+        rs = torch.matmul(gx, edge)  # (n, c, h, 3)
+        rows = rs[:, :, :, 0]
+        cols = gx.sum(2)
         w1 = self.conv1x1.weight.reshape(c, c)
-        gates = torch.sigmoid(torch.matmul(w1, torch.cat([row, col], 2)) + _bias(self.conv1x1.bias).unsqueeze(1))
-        a = gx * gates[:, :, :h].unsqueeze(3) * gates[:, :, h:].unsqueeze(2)
-        # GroupNorm statistics from two plain reductions: torch.var_mean over a spatial axis is ~10x slower
-        # on CPU at these shapes than a sum plus a dot product.
-        a_flat = a.reshape(n, c, h * w)
-        mu = a_flat.mean(2)
-        var = (torch.linalg.vecdot(a_flat, a_flat) / (h * w) - mu * mu).clamp_min(0.)
+        gates = torch.sigmoid(torch.matmul(w1, torch.cat([rows / w, cols / h], 2)) + _bias(self.conv1x1.bias).unsqueeze(1))
+        # The h-gate x w-gate outer product as a batched matmul: its backward reduces with matmuls, whereas
+        # gx * gh * gw would allocate two more full-size temporaries in backward (grad * other, then sum).
+        gate = torch.matmul(gates[:, :, :h].unsqueeze(3), gates[:, :, h:].unsqueeze(2))
+        a = (gx * gate).reshape(n, c, h * w)
+        # GroupNorm statistics from two reductions (torch.var_mean over a spatial axis is ~10x slower on CPU).
+        # sum a^2 as a squared vector_norm: no full-size temporary in forward and one in backward (vecdot
+        # allocates a*a in forward and two products in backward; it also timed faster here).
+        mu = a.sum(2) / (h * w)
+        var = (torch.linalg.vector_norm(a, dim=2).square() / (h * w) - mu * mu).clamp_min(0.)
         rstd = torch.rsqrt(var + self.gn.eps)
         gamma, beta = self.gn.weight, self.gn.bias
 
         # s2 = softmax(mean_HW(conv3x3(x))) from per-channel window sums: with zero padding, kernel tap
         # (i, j) sees the whole map minus one edge row (i != 1), minus one edge column (j != 1), plus the
-        # corner both exclude.
+        # corner both exclude. Corners come from the edge columns of the matmul above.
         w3, b3 = self.conv3x3.weight, _bias(self.conv3x3.bias)
-        rows = row * w
-        cols = col * h
         sums = torch.stack([
             rows.sum(2),
             -rows[:, :, h - 1], -rows[:, :, 0],
             -cols[:, :, w - 1], -cols[:, :, 0],
-            gx[:, :, h - 1, w - 1], gx[:, :, h - 1, 0], gx[:, :, 0, w - 1], gx[:, :, 0, 0],
+            rs[:, :, h - 1, 2], rs[:, :, h - 1, 1], rs[:, :, 0, 2], rs[:, :, 0, 1],
         ], 2)
         taps = torch.stack([
             w3.sum((2, 3)),
@@ -97,13 +113,15 @@ class EMA(nn.Module):
         # s2 . gn(a) = sum_c k_c a_c + const, per group.
         k = s2 * gamma * rstd
         const = (s2 * (beta - gamma * mu * rstd)).sum(1)
-        # s1 . conv3x3(x): one output channel, weights mixed by s1 = softmax(gn.bias).
+        # s1 . conv3x3(x): one output channel, weights mixed by s1 = softmax(gn.bias). It runs as a (9, c)
+        # matmul and a sum of shifted tap maps: a one-output-channel convolution is several times slower
+        # through oneDNN on CPU (stage 1, fwd+bwd: conv2d 40 ms, matmul + in-place shifted adds 300 ms
+        # because slice backward zero-fills per tap, matmul + F.pad shifts 25 ms).
         s1 = torch.softmax(beta, dim=0)
-        # The convolution runs as a (9, c) matmul and a sum of shifted tap maps: a one-output-channel
-        # convolution is several times slower through oneDNN on CPU.
         taps_mix = torch.matmul(s1, w3.reshape(c, c * 9)).reshape(c, 9).t()
-        cross = _sum_shifted_taps(torch.matmul(taps_mix, gx.reshape(n, c, h * w)).reshape(n, 3, 3, h, w))
-        cross = cross + torch.matmul(k.unsqueeze(1), a_flat).reshape(n, h, w)
+        z = torch.matmul(taps_mix, gx.reshape(n, c, h * w)).reshape(n, 3, 3, h, w)
+        cross = _sum_shifted_taps(z)
+        cross = cross + torch.matmul(k.unsqueeze(1), a).reshape(n, h, w)
         cross = cross + (const + (s1 * b3).sum()).reshape(n, 1, 1)
         return (gx * torch.sigmoid(cross).unsqueeze(1)).reshape(b, ch, h, w)
 
@@ -111,15 +129,13 @@ class EMA(nn.Module):
 def _sum_shifted_taps(z: torch.Tensor) -> torch.Tensor:
     """Zero-padded 3x3 correlation from per-tap maps: out[p, q] = sum_ij z[i, j, p + i - 1, q + j - 1].
 
-    z is (n, 3, 3, H, W); columns are shifted first, then rows, accumulating in place on fresh tensors.
+    z is (n, 3, 3, H, W). Each shift is one F.pad with a negative pad on the far side (crop + zero fill in
+    one op, whose backward is another pad of the same small size); columns first, then rows.
     """
-    r = z[:, :, 1].clone()
-    r[..., 1:] += z[:, :, 0, :, :-1]
-    r[..., :-1] += z[:, :, 2, :, 1:]
-    out = r[:, 1].clone()
-    out[:, 1:] += r[:, 0, :-1]
-    out[:, :-1] += r[:, 2, 1:]
-    return out
+    zj = z.unbind(2)
+    r = F.pad(zj[0], (1, -1)) + zj[1] + F.pad(zj[2], (-1, 1))
+    ri = r.unbind(1)
+    return F.pad(ri[0], (0, 0, 1, -1)) + ri[1] + F.pad(ri[2], (0, 0, -1, 1))
 
 
 def _bias(bias: Optional[torch.Tensor]) -> torch.Tensor:

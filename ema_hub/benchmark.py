@@ -1,0 +1,246 @@
+"""Speed and memory of the fast EMA layer against the paper's straightforward form, alone and in ResNet-50.
+
+Run ``python -m ema_hub.benchmark [--quick] [--threads 2] [--batch 8] [--repeats N] [--device cpu|cuda]``.
+
+Everything runs in one process and the candidates are interleaved round-robin (each repeat times every
+candidate once, in turn), so that load on a shared machine hits all of them alike; the table reports the
+median over repeats.
+
+* Layer: ``ema_hub.EMA`` vs ``ema_hub.reference.ReferenceEMA`` (same parameters) at the four ResNet-50
+  stage shapes, inference (``torch.inference_mode``) and a training step (forward + backward w.r.t. the
+  input and the parameters). Target: the fast layer >= 2x faster at each shape, both modes.
+* Network: ``resnet50`` vs ``resnet50_ema`` (EMA in every bottleneck) vs the same network with the
+  reference layer. Inference latency (target ratio <= 1.25, stretch <= 1.15), training step time
+  (forward + backward in train mode, target <= 1.35) and training peak memory (target <= 1.25).
+
+Peak memory is the growth of the resident set during one training step, each network in a fresh
+subprocess: ``ru_maxrss`` after the step minus the RSS just before it (weights already built). It is what
+the step really costs the machine, allocator behaviour included, and it is not disturbed by other load.
+
+On CUDA (``--device cuda``) the network runs channels_last under bf16 autocast (batch 256 unless given)
+and reports throughput in images/s, plus a ``torch.compile`` variant of each network.
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from .layers import EMA, ema_groups
+from .reference import ReferenceEMA
+
+STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
+TARGETS = {'layer_speedup': 2.0, 'inference': 1.25, 'inference_stretch': 1.15, 'train': 1.35, 'memory': 1.25}
+
+
+class PaperEMA(ReferenceEMA):
+    """The reference layer with the fast layer's constructor, to drop into timm as ``attn_layer``."""
+
+    def __init__(self, channels: int, factor: int = 32, device=None, dtype=None):
+        super().__init__(channels, ema_groups(channels, factor))
+        self.to(device=device, dtype=dtype)
+
+
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str, warmup: int = 1) -> Dict[str, float]:
+    """Median seconds of each callable, timing them round-robin ``repeats`` times after ``warmup`` rounds."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def step():
+        xr = x.detach().requires_grad_()
+        model(xr).backward(grad)
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def _infer(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run():
+        with torch.inference_mode():
+            model(x)
+    return run
+
+
+def _peak_train_memory(name: str, batch: int, img: int, threads: int) -> int:
+    """Peak RSS growth (bytes) of one training step of network ``name``, in a fresh subprocess.
+
+    The child builds the network, records its resident set size, runs one forward + backward and reports
+    ``ru_maxrss`` (the high-water mark) minus that: what the step needed on top of the weights.
+    """
+    import subprocess
+    import sys
+    cmd = [sys.executable, '-m', 'ema_hub.benchmark', '--_memory-child', name,
+           '--batch', str(batch), '--threads', str(threads), '--_img', str(img)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def _memory_child(name: str, batch: int, img: int) -> None:
+    import resource
+    model = _network(name).train()
+    x = torch.randn(batch, 3, img, img)
+    grad = torch.randn(batch, 1000)
+    with open('/proc/self/statm') as f:
+        rss0 = int(f.read().split()[1]) * resource.getpagesize()
+    model(x).backward(grad)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(peak - rss0)
+
+
+def bench_layer(batch: int, repeats: int, quick: bool, device: str, warmup: int = 1) -> List[dict]:
+    rows = []
+    for ch, s in STAGES:
+        if quick:
+            s = max(s // 8, 3)
+        torch.manual_seed(0)
+        fast = EMA(ch).to(device)
+        with torch.no_grad():
+            for p in fast.parameters():
+                p.normal_(0.0, 0.5)
+        ref = ReferenceEMA(ch, fast.groups).to(device)
+        ref.load_state_dict(fast.state_dict())
+        x = torch.randn(batch, ch, s, s, device=device)
+        grad = torch.randn_like(x)
+        inf = _interleaved({'ref': _infer(ref, x), 'ema': _infer(fast, x)}, repeats, device, warmup)
+        tr = _interleaved({'ref': _train_step(ref, x, grad), 'ema': _train_step(fast, x, grad)}, repeats, device, warmup)
+        rows.append(dict(shape=f'({ch},{s})', inf_ref=inf['ref'], inf_ema=inf['ema'], tr_ref=tr['ref'], tr_ema=tr['ema']))
+    return rows
+
+
+NETWORKS = ['resnet50', 'resnet50_ema', 'paper_form']
+
+
+def _network(name: str) -> nn.Module:
+    import timm
+    if name == 'resnet50_ema':
+        try:
+            return timm.create_model('resnet50_ema')
+        except RuntimeError:  # not registered: the same network built by hand
+            return timm.create_model('resnet50', block_args=dict(attn_layer=EMA))
+    if name == 'paper_form':
+        return timm.create_model('resnet50', block_args=dict(attn_layer=PaperEMA))
+    return timm.create_model(name)
+
+
+def _networks(device: str) -> Dict[str, nn.Module]:
+    return {k: _network(k).to(device) for k in NETWORKS}
+
+
+def bench_network_cpu(batch: int, repeats: int, img: int, threads: int, warmup: int) -> Dict[str, dict]:
+    nets = _networks('cpu')
+    x = torch.randn(batch, 3, img, img)
+    grad = torch.randn(batch, 1000)
+    for m in nets.values():
+        m.eval()
+    inf = _interleaved({k: _infer(m, x) for k, m in nets.items()}, repeats, 'cpu', warmup)
+    for m in nets.values():
+        m.train()
+    steps = {k: _train_step(m, x, grad) for k, m in nets.items()}
+    tr = _interleaved(steps, repeats, 'cpu', warmup)
+    mem = {k: _peak_train_memory(k, batch, img, threads) for k in nets}
+    return {k: dict(inf=inf[k], tr=tr[k], mem=mem[k]) for k in nets}
+
+
+def bench_network_cuda(batch: int, repeats: int) -> Dict[str, dict]:
+    nets = _networks('cuda')
+    x = torch.randn(batch, 3, 224, 224, device='cuda').contiguous(memory_format=torch.channels_last)
+    out = {}
+    fns = {}
+    for k, m in nets.items():
+        m = m.eval().to(memory_format=torch.channels_last)
+        fns[k] = m
+        fns[k + '+compile'] = torch.compile(m)
+
+    def run(m):
+        def f():
+            with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+                m(x)
+        return f
+    t = _interleaved({k: run(m) for k, m in fns.items()}, repeats, 'cuda', warmup=3)
+    for k, sec in t.items():
+        out[k] = dict(inf=sec, throughput=batch / sec)
+    return out
+
+
+def _fmt_ms(sec: float) -> str:
+    return f'{sec * 1e3:9.1f}'
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog='python -m ema_hub.benchmark', description=__doc__.split('\n')[0])
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--batch', type=int, default=None, help='default 8 on CPU (2 with --quick), 256 on CUDA')
+    ap.add_argument('--repeats', type=int, default=None, help='timed rounds per measurement (default 7, 2 with --quick)')
+    ap.add_argument('--quick', action='store_true', help='small shapes and few repeats: checks that it runs')
+    ap.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    ap.add_argument('--_memory-child', dest='memory_child', help=argparse.SUPPRESS)
+    ap.add_argument('--_img', dest='img', type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(args.memory_child, args.batch, args.img)
+        return 0
+    repeats = args.repeats or (1 if args.quick else 7)
+    warmup = 0 if args.quick else 1
+    met = {}
+
+    if args.device == 'cuda':
+        batch = args.batch or 256
+        print(f'# CUDA {torch.cuda.get_device_name()}, bf16 autocast, channels_last, batch {batch}, median of {repeats}')
+        res = bench_network_cuda(batch, repeats)
+        print(f'{"network":24s} {"ms":>9s} {"img/s":>9s}')
+        for k, r in res.items():
+            print(f'{k:24s} {_fmt_ms(r["inf"])} {r["throughput"]:9.0f}')
+        print(f'ratio resnet50_ema/resnet50 inference: {res["resnet50_ema"]["inf"] / res["resnet50"]["inf"]:.2f}')
+        return 0
+
+    batch = args.batch or (2 if args.quick else 8)
+    print(f'# CPU, {args.threads} threads, fp32 eager, batch {batch}, median of {repeats} interleaved repeats'
+          + (' (QUICK: reduced shapes, numbers not meaningful)' if args.quick else ''))
+    print('## layer: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
+    print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} {"speedup":>8s}')
+    for r in bench_layer(batch, repeats, args.quick, 'cpu', warmup):
+        si, st = r['inf_ref'] / r['inf_ema'], r['tr_ref'] / r['tr_ema']
+        met[f'layer {r["shape"]} inference speedup >= 2x'] = si >= TARGETS['layer_speedup']
+        met[f'layer {r["shape"]} train speedup >= 2x'] = st >= TARGETS['layer_speedup']
+        print(f'{r["shape"]:14s} {_fmt_ms(r["inf_ref"])} {_fmt_ms(r["inf_ema"])} {si:7.2f}x '
+              f'{_fmt_ms(r["tr_ref"])} {_fmt_ms(r["tr_ema"])} {st:7.2f}x')
+
+    img = 32 if args.quick else 224
+    print(f'## network: {img}x{img} (ms; peak = RSS growth of one train step in a fresh process, MiB; '
+          'ratio = network / resnet50)')
+    net = bench_network_cpu(batch, repeats, img, args.threads, warmup)
+    base = net['resnet50']
+    print(f'{"network":14s} {"inference":>9s} {"ratio":>6s} {"train":>9s} {"ratio":>6s} {"peak MiB":>9s} {"ratio":>6s}')
+    for k, r in net.items():
+        print(f'{k:14s} {_fmt_ms(r["inf"])} {r["inf"] / base["inf"]:6.2f} {_fmt_ms(r["tr"])} {r["tr"] / base["tr"]:6.2f} '
+              f'{r["mem"] / 2**20:9.1f} {r["mem"] / base["mem"]:6.2f}')
+    ema = net['resnet50_ema']
+    met['network inference ratio <= 1.25'] = ema['inf'] / base['inf'] <= TARGETS['inference']
+    met['network inference ratio <= 1.15 (stretch)'] = ema['inf'] / base['inf'] <= TARGETS['inference_stretch']
+    met['network train-step ratio <= 1.35'] = ema['tr'] / base['tr'] <= TARGETS['train']
+    met['network train peak-memory ratio <= 1.25'] = ema['mem'] / base['mem'] <= TARGETS['memory']
+    print('## targets')
+    for name, ok in met.items():
+        print(f'{"MET    " if ok else "NOT MET"} {name}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
