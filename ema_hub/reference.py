@@ -41,3 +41,19 @@ class ReferenceEMA(nn.Module):
         s2 = torch.softmax(x2.mean(dim=(2, 3)).reshape(n, 1, -1), dim=-1)
         weights = torch.matmul(s1, x2.reshape(n, ch // g, -1)) + torch.matmul(s2, x1.reshape(n, ch // g, -1))
         return (gx * weights.reshape(n, 1, h, w).sigmoid()).reshape(b, ch, h, w)
+
+
+def with_reference_layers(model: nn.Module) -> nn.Module:
+    """``model`` with every ``ema_hub.EMA`` replaced, in place, by a ReferenceEMA holding the same parameters.
+
+    Used to count the paper's multiply-accumulates (the figures in the registry and the cards), which do not
+    depend on how fast a particular implementation computes them.
+    """
+    from .layers import EMA
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, EMA):
+            ref = ReferenceEMA(module.gn.num_channels * module.groups, module.groups)
+            ref.load_state_dict(module.state_dict())
+            model.set_submodule(name, ref)
+    return model

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ema_hub
 from ema_hub import EMA, VARIANTS
+from ema_hub.reference import with_reference_layers
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models._efficientnet_blocks import InvertedResidual
 
@@ -57,12 +58,12 @@ def test_placement_and_parameters(name):
     assert round(_params(base) / 1e6, 2) == pytest.approx(v.base_params_m, abs=0.01)
 
 
-@pytest.mark.parametrize('name', ['resnet18_ema', 'resnet50_ema', 'mobilenetv2_100_ema'])
+@pytest.mark.parametrize('name', NAMES)
 def test_gmacs_match_registry(name):
     v = VARIANTS[name]
 
     def gmacs(arch):
-        model = timm.create_model(arch).eval()
+        model = with_reference_layers(timm.create_model(arch)).eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.randn(1, 3, 224, 224))
         return counter.get_total_flops() / 2e9
