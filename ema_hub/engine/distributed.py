@@ -1,0 +1,173 @@
+"""Multi-process helpers: the same code runs as one process or under ``torchrun --nproc-per-node N`` (any nodes).
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the rendezvous variables); :func:`init` reads them,
+starts the process group (NCCL when CUDA is available, gloo on CPU) and picks this process's device. Without
+them, everything degrades to a single process: ``rank 0 of 1``, no process group, collectives are no-ops.
+Only the main process (rank 0) writes files; :func:`is_main` says which one that is.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    'DistInfo', 'init', 'cleanup', 'is_distributed', 'rank', 'world_size', 'is_main', 'barrier', 'all_reduce_sum',
+    'all_gather_objects', 'broadcast_object', 'shard_indices', 'gather_features',
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def init(device: Optional[str] = None) -> DistInfo:
+    """Start the process group when launched by torchrun (``WORLD_SIZE`` > 1); return this process's place.
+
+    ``device``: ``'cpu'``, ``'cuda'`` (this process's ``cuda:LOCAL_RANK``) or None (CUDA when available).
+    Calling it again returns the same answer without starting a second group.
+    """
+    world = _env_int('WORLD_SIZE', 1)
+    rank_ = _env_int('RANK', 0)
+    local_rank = _env_int('LOCAL_RANK', 0)
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
+    if use_cuda:
+        dev = torch.device('cuda', local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device('cpu')
+    if world > 1 and not dist.is_initialized():
+        backend = 'nccl' if use_cuda else 'gloo'
+        kwargs = {'device_id': dev} if use_cuda else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    if world > 1 and not use_cuda and 'OMP_NUM_THREADS' not in os.environ:
+        # CPU workers share the machine: split its cores instead of oversubscribing them N times over.
+        local_world = _env_int('LOCAL_WORLD_SIZE', world)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return DistInfo(rank_ if world > 1 else 0, world, local_rank, dev)
+
+
+def cleanup() -> None:
+    """Tear down the process group, if one was started."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Whether this is the process that prints results and writes files (rank 0)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of ``values`` over all processes (``values`` itself when single-process)."""
+    if is_distributed():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    if not is_distributed():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_indices(n: int, rank_: Optional[int] = None, world: Optional[int] = None) -> List[int]:
+    """This process's share of ``range(n)``: every ``world``-th index from ``rank`` (no padding, no repeats).
+
+    Across ranks the shards cover each index exactly once, so sums of per-shard counts equal a
+    single-process pass (unlike DistributedSampler, which pads the last shard with repeats).
+    """
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    return list(range(rank_, n, world))
+
+
+def gather_features(entries, model, *, round_size: int = 256, **kwargs):
+    """``inference.iter_features`` across all processes: rank 0 yields every input exactly once, in input order.
+
+    Each process embeds its strided shard (``entries[rank::world_size]``); in rounds of ``round_size`` inputs per
+    process the rows travel to rank 0 (``gather_object``), which interleaves them back into input order, so
+    memory stays bounded however many images there are. Other ranks yield nothing. Single-process, this is
+    ``iter_features`` itself. ``kwargs`` as ``inference.run_model`` (batch_size, workers, device, amp, ...).
+    """
+    import numpy as np
+
+    from .inference import FeatureBatch, _pooled, iter_features, run_model
+
+    if not is_distributed():
+        yield from iter_features(entries, model, **kwargs)
+        return
+    entries = list(entries)
+    rank_, world = rank(), world_size()
+    dim = getattr(model, 'num_features', 0)
+    local = (row for batch in run_model(entries, model, _pooled, rank=rank_, world_size=world, **kwargs)
+             for row in batch)
+    per_rank = -(-len(entries) // world)
+    for _ in range(-(-per_rank // round_size)):
+        part = []
+        for entry, out, error in local:
+            part.append((entry.path, None if out is None else out.reshape(-1).numpy(), error))
+            if len(part) == round_size:
+                break
+        parts = [None] * world if rank_ == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        if rank_ != 0:
+            continue
+        rows, errors = [], []
+        for j in range(max(len(p) for p in parts)):
+            for p in parts:  # rank k's j-th input of the round is input (round start + j) * world + k
+                if j < len(p):
+                    path, vec, error = p[j]
+                    (rows.append((path, vec)) if vec is not None else errors.append((path, error)))
+        feats = np.stack([v for _, v in rows]).astype(np.float32, copy=False) if rows else np.zeros((0, dim), np.float32)
+        yield FeatureBatch([p for p, _ in rows], feats, errors)
