@@ -7,6 +7,7 @@ on disk). Loading is timm's own (``timm.create_model``); downloads go through hu
 """
 import contextlib
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -275,17 +276,32 @@ def publish(
 ) -> str:
     """Publish a model (a spec or a module) to ``repo_id`` in timm's Hub layout; with ``dry_run_dir``, stop at the folder.
 
-    Returns the folder path for a dry run, else the URL of the commit.
+    A ``local-dir:`` folder that already holds a card (a fine-tuning result, say) is published as it is, so its
+    card keeps the accuracy measured there. Returns the folder path for a dry run, else the URL of the commit.
     """
-    net = create_model(model) if isinstance(model, str) else model
     if dry_run_dir is not None:
-        return str(save_pretrained(net, dry_run_dir, repo_id=repo_id, metrics=metrics))
+        return str(_publishable_folder(model, Path(dry_run_dir), repo_id, metrics))
     with tempfile.TemporaryDirectory() as tmp, _hub_errors(f'hf-hub:{repo_id}'):
-        save_pretrained(net, tmp, repo_id=repo_id, metrics=metrics)
+        _publishable_folder(model, Path(tmp), repo_id, metrics)
         api = HfApi(token=token)
         api.create_repo(repo_id, exist_ok=True, private=private)
         commit = api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message='Upload ema-hub checkpoint')
         return str(getattr(commit, 'commit_url', commit))
+
+
+def _publishable_folder(model: Union[str, nn.Module], folder: Path, repo_id: str, metrics) -> Path:
+    """Write what publish uploads into ``folder``: a card-carrying local-dir as it is, else save_pretrained's layout."""
+    if isinstance(model, str) and model.startswith('local-dir:') and metrics is None:
+        source = Path(model[len('local-dir:'):])
+        if (source / 'README.md').is_file():
+            create_model(model)  # check that it loads before publishing it
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in _CHECKPOINT_FILES + ['metrics.json']:
+                if (source / name).is_file() and (source / name).resolve() != (folder / name).resolve():
+                    shutil.copyfile(source / name, folder / name)
+            return folder
+    net = create_model(model) if isinstance(model, str) else model
+    return save_pretrained(net, folder, repo_id=repo_id, metrics=metrics)
 
 
 # Keys a checkpoint may be wrapped in (training scripts save {'state_dict': ...}, {'model': ...}, ...).

@@ -175,6 +175,14 @@ def test_download_to_folder_is_loadable_warm_model(fake_hub, tmp_path):
         assert _rel_err(model(x), base(x)) <= 1e-5
 
 
+def test_publish_local_dir_keeps_its_card(fake_hub, tmp_path):
+    folder = hub.publish(_trained_ema(), 'someone/x', dry_run_dir=tmp_path / 'run',
+                         metrics={'top1': 88.25, 'dataset': 'digits'})
+    hub.publish(f'local-dir:{folder}', 'someone/finetuned', token='test')
+    card = fake_hub.files('someone/finetuned')['README.md'].decode()
+    assert '88.25' in card and card == (tmp_path / 'run' / 'README.md').read_text()
+
+
 def test_download_published_checkpoint_to_folder(fake_hub, tmp_path):
     hub.publish(_trained_ema(), 'someone/r18', token='test')
     folder = hub.download('hf-hub:someone/r18', to=tmp_path / 'copy')
