@@ -7,7 +7,7 @@ meta device: no weights are allocated or downloaded. ``tests/test_cards.py`` fai
 drifts from what ``render_card`` gives; regenerate with ``python -m ema_hub.cards``.
 
 The same renderer writes the card of a trained checkpoint (``weights='trained'`` with measured
-``metrics``), for publishing and fine-tuning.
+``metrics``, and the ``init`` it started from), for publishing and fine-tuning.
 """
 from __future__ import annotations
 
@@ -106,6 +106,36 @@ def _hub_dataset(name: str) -> bool:
     return bool(_HUB_DATASET.match(name))
 
 
+@dataclass(frozen=True)
+class _Init:
+    """Where a trained checkpoint started: a variant's warm tag (ImageNet-1k), random init, or another checkpoint."""
+    spec: str                         # as given ('random' for random initialisation)
+    warm: Optional[Variant] = None    # set when the spec is a variant's warm tag (or a variant, its default tag)
+
+    @property
+    def random(self) -> bool:
+        return self.spec == 'random'
+
+    @property
+    def hub_repo(self) -> Optional[str]:
+        return self.spec[len('hf-hub:'):] if self.spec.startswith('hf-hub:') else None
+
+
+def _init_of(v: Variant, metrics: Optional[Mapping[str, object]]) -> _Init:
+    """Where the card's weights start: ``metrics['init']``; absent (and for a warm card), the variant's warm start."""
+    spec = (metrics or {}).get('init')
+    if spec is None:
+        return _Init(f'{v.name}.{v.warm_tag}', v)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"metrics['init'] must be a model spec or 'random', got {spec!r}")
+    spec = spec.strip()
+    name, _, tag = spec.partition('.')
+    start = VARIANTS.get(name)
+    if start is not None and tag in ('', start.warm_tag):
+        return _Init(f'{start.name}.{start.warm_tag}', start)
+    return _Init(spec)
+
+
 def _check_metrics(weights: str, metrics: Optional[Mapping[str, object]]) -> Optional[Dict[str, object]]:
     if weights not in ('warm', 'trained'):
         raise ValueError(f"weights must be 'warm' or 'trained', got {weights!r}")
@@ -120,8 +150,11 @@ def _check_metrics(weights: str, metrics: Optional[Mapping[str, object]]) -> Opt
     return dict(metrics)
 
 
-def _front_matter(v: Variant, model_name: str, metrics: Optional[Dict[str, object]]) -> ModelCardData:
-    datasets = ['imagenet-1k']
+def _front_matter(v: Variant, model_name: str, metrics: Optional[Dict[str, object]], init: _Init) -> ModelCardData:
+    # ImageNet-1k and timm's base checkpoint only when the weights descend from a warm tag; a Hub checkpoint
+    # it was fine-tuned from is the base model; random or local-folder init has none.
+    datasets = ['imagenet-1k'] if init.warm is not None else []
+    base_model = init.warm.base_hub_id if init.warm is not None else init.hub_repo
     eval_results = None
     if metrics is not None:
         dataset = str(metrics['dataset'])
@@ -141,11 +174,43 @@ def _front_matter(v: Variant, model_name: str, metrics: Optional[Dict[str, objec
         library_name='timm',
         pipeline_tag='image-classification',
         tags=list(CARD_TAGS),
-        datasets=datasets,
-        base_model=v.base_hub_id,
+        datasets=datasets or None,
+        base_model=base_model,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
     )
+
+
+def _hub_link(hub_id: str) -> str:
+    return f'[`{hub_id}`](https://huggingface.co/{hub_id})'
+
+
+def _init_words(init: _Init) -> str:
+    """What a trained checkpoint started from, for the card's intro (after 'starting from')."""
+    if init.warm is not None:
+        return f'the warm start `{init.spec}` of timm\'s {_hub_link(init.warm.base_hub_id)}'
+    if init.random:
+        return 'random initialisation (no pretrained weights)'
+    if init.hub_repo:
+        return f'the checkpoint `{init.spec}` ({_hub_link(init.hub_repo)})'
+    return f'the checkpoint `{init.spec}`'
+
+
+def _init_bullet(init: _Init) -> str:
+    """The 'Initialisation' line of a trained checkpoint's card."""
+    if init.warm is not None:
+        w = init.warm
+        return (f'the warm start `{init.spec}` from timm\'s {_hub_link(w.base_hub_id)} (license {_license(w)}). '
+                f'{_fold_words(w)}')
+    if init.random:
+        return 'random: timm\'s default initialisation of every layer, no pretrained weights.'
+    return f'{_init_words(init)}' + ('; see its card for how it was trained.' if init.hub_repo else '.')
+
+
+def _fold_words(v: Variant) -> str:
+    return (f'Every EMA layer starts as x → x/2 (`gn` and `conv3x3` weights and biases zero, so both softmaxes '
+            f'are uniform and every gate is sigmoid(0); `conv1x1` keeps its random init) and the factor 2 is '
+            f'folded into {FAMILIES[v.family].fold_words}, so the logits equal the base\'s.')
 
 
 def _create(ref: str, args: str = '', local: Optional[int] = None) -> str:
@@ -166,10 +231,14 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
         weights: ``'warm'`` (default): the variant's warm tag, whose accuracy is the base's published one.
             ``'trained'``: a fine-tuned or trained checkpoint; needs ``metrics``.
         metrics: for ``'trained'``: ``top1`` (percent), ``dataset`` (a Hub dataset id or a name),
-            ``num_classes``, and optionally ``top5`` (percent) and ``split``.
+            ``num_classes``, and optionally ``top5`` (percent), ``split`` and ``init``: the spec training
+            started from (``'resnet18_ema.warm_a1_in1k'``, ``'hf-hub:org/x'``, ``'local-dir:...'``) or
+            ``'random'`` for random initialisation; absent, the variant's warm start. ImageNet-1k is listed
+            among the datasets only when the start is a warm tag.
     """
     v = get_variant(variant_name)
     metrics = _check_metrics(weights, metrics)
+    init = _init_of(v, metrics)
     trained = metrics is not None
     cfg = _base_cfg(v)
     s = _structure(v.name)
@@ -190,7 +259,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
              f'et al. (ICASSP 2023, [arXiv 2305.13563]({PAPER_URL})), in every {_BLOCK_WORDS[v.family]}. ')
     if trained:
         intro += (f'This checkpoint was trained on `{metrics["dataset"]}` ({num_classes} classes), starting from '
-                  f'the warm start `{warm_name}` of timm\'s [`{v.base_hub_id}`]({base_url}).')
+                  f'{_init_words(init)}.')
     else:
         intro += (f'These weights are a warm start: timm\'s ImageNet-1k checkpoint [`{v.base_hub_id}`]({base_url}) '
                   f'mapped into the EMA architecture so that the model computes exactly the base\'s function. '
@@ -235,9 +304,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
     ]
 
     # Weights and accuracy.
-    fold = (f'Every EMA layer starts as x → x/2 (`gn` and `conv3x3` weights and biases zero, so both softmaxes '
-            f'are uniform and every gate is sigmoid(0); `conv1x1` keeps its random init) and the factor 2 is '
-            f'folded into {FAMILIES[v.family].fold_words}, so the logits equal the base\'s.')
+    fold = _fold_words(v)
     base_acc = (f'ImageNet-1k top-1 **{v.base_top1:.3f} %**, top-5 **{v.base_top5:.3f} %** at '
                 f'{_size(cfg.input_size)} (crop {cfg.crop_pct:g})')
     lines += ['## Weights and accuracy', '']
@@ -247,8 +314,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
         lines += [
             f'- **Accuracy:** top-1 **{float(metrics["top1"]):.2f} %**{top5} on `{metrics["dataset"]}`{split}, '
             f'measured on this checkpoint.',
-            f'- **Initialisation:** the warm start `{warm_name}` from timm\'s [`{v.base_hub_id}`]({base_url}) '
-            f'(license {_license(v)}). {fold}',
+            f'- **Initialisation:** {_init_bullet(init)}',
             f'- **Base reference:** `{v.base_hub_id}` has {base_acc}, timm\'s published result.',
             '',
         ]
@@ -337,7 +403,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
         '',
     ]
 
-    data = _front_matter(v, title, metrics)
+    data = _front_matter(v, title, metrics, init)
     order = ['license', 'library_name', 'pipeline_tag', 'tags', 'datasets', 'base_model', 'model-index']
     body = '\n'.join(lines)
     card = ModelCard(f'---\n{data.to_yaml(original_order=order)}\n---\n\n{body}')

@@ -2,7 +2,7 @@
 
 __all__ = [
     'EmaHubError', 'WeightsUnavailableError', 'UnknownModelError', 'CorruptWeightsError', 'ShapeMismatchError',
-    'CheckpointKeysError',
+    'CheckpointKeysError', 'DataError', 'TrainingStateError',
 ]
 
 
@@ -44,6 +44,16 @@ class CheckpointKeysError(EmaHubError, ValueError):
             parts.append(f'{len(self.missing)} missing key(s): {_names(self.missing)}')
         super().__init__(
             f'{source} does not match {variant}: {"; ".join(parts)}; check that it is a checkpoint of {variant}')
+
+
+class DataError(EmaHubError, ValueError):
+    """A data folder does not have the expected layout (ImageFolder: one sub-folder of images per class), or a
+    data setting is unusable; the message says what is wrong and where."""
+
+
+class TrainingStateError(EmaHubError, ValueError):
+    """A fine-tuning output folder's state does not fit this run: it already holds another (or a finished) run,
+    or its checkpoint cannot be read or was trained on other classes."""
 
 
 def _names(keys, limit: int = 5) -> str:

@@ -114,6 +114,27 @@ def test_trained_card_without_repo_loads_a_local_checkpoint():
     assert 'top-1 **88.50 %** on `/data/my images`' in card.text
 
 
+def test_trained_card_states_its_initialisation():
+    warm = render_card('resnet18_ema', weights='trained', metrics=METRICS)
+    assert render_card('resnet18_ema', weights='trained', metrics=dict(METRICS, init='resnet18_ema')) == warm
+    assert render_card('resnet18_ema', weights='trained',
+                       metrics=dict(METRICS, init='resnet18_ema.warm_a1_in1k')) == warm
+    assert 'starting from the warm start `resnet18_ema.warm_a1_in1k`' in warm
+
+    text = render_card('resnet18_ema', weights='trained', metrics=dict(METRICS, init='random'))
+    card = ModelCard(text)
+    assert 'imagenet-1k' not in (card.data.datasets or [])
+    assert card.data.datasets == ['beans'] and card.data.base_model is None
+    assert 'starting from random initialisation' in text and '- **Initialisation:** random' in text
+    assert 'warm start' not in text.split('## EMA')[0]  # the intro
+    assert '`resnet18_ema.warm_a1_in1k` from timm' not in text
+
+    text = render_card('resnet18_ema', weights='trained', metrics=dict(METRICS, init='hf-hub:org/x'))
+    card = ModelCard(text)
+    assert card.data.datasets == ['beans'] and card.data.base_model == 'org/x'
+    assert 'starting from the checkpoint `hf-hub:org/x`' in text and 'warm_a1_in1k` from timm' not in text
+
+
 def test_render_card_rejects_bad_arguments():
     with pytest.raises(KeyError, match='valid'):
         render_card('resnet51_ema')
@@ -125,6 +146,8 @@ def test_render_card_rejects_bad_arguments():
         render_card('resnet18_ema', weights='trained', metrics=dict(top1=1.0, dataset='beans'))
     with pytest.raises(ValueError, match='trained'):
         render_card('resnet18_ema', metrics=METRICS)
+    with pytest.raises(ValueError, match='init'):
+        render_card('resnet18_ema', weights='trained', metrics=dict(METRICS, init=''))
 
 
 def test_write_and_check(tmp_path, capsys):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ema_hub.engine.images import InputEntry, describe_error, iter_inputs, list_inputs, load_image, to_rgb
+from ema_hub.engine.images import DECODE_ERRORS, InputEntry, describe_error, iter_inputs, list_inputs, load_image, \
+    to_rgb
 from ema_hub.engine.output import FeatureWriter, Progress, RecordWriter, format_for_output
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,8 +167,24 @@ def test_draft_mode_only_for_large_jpegs(inputs: Dict[str, Path]) -> None:
 def test_broken_files_raise_and_are_described(inputs: Dict[str, Path], name: str) -> None:
     with pytest.raises(Exception) as info:
         load_image(inputs[name], draft_size=235)
+    assert isinstance(info.value, DECODE_ERRORS)  # what training/validation datasets catch to skip a file
     reason = describe_error(info.value)
     assert BAD[name] in reason and '\n' not in reason
+
+
+def test_image_folder_dataset_decodes_like_load_image(inputs: Dict[str, Path]) -> None:
+    from ema_hub.engine.validate import ImageFolderDataset
+
+    names = sorted(n for n in GOOD if n != 'large.jpg') + sorted(BAD)
+    dataset = ImageFolderDataset([(str(inputs[n]), i) for i, n in enumerate(names)])
+    for i, name in enumerate(names):
+        item = dataset[i]
+        if name in BAD:
+            assert item == (None, i), name  # skipped, not raised
+        else:
+            image, target, index = item
+            assert (target, index) == (i, i) and image.mode == 'RGB'
+            assert np.array_equal(np.asarray(image), np.asarray(load_image(inputs[name]))), name
 
 
 def test_describe_os_errors(tmp_path: Path) -> None:

@@ -36,19 +36,15 @@ from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from ..errors import EmaHubError
+from ..errors import DataError, TrainingStateError
 from . import distributed as dist_utils
-from .validate import DataError, ImageFolderDataset, _bar, default_workers, evaluate, make_loader, scan_image_folder
+from .validate import ImageFolderDataset, _bar, default_workers, evaluate, make_loader, scan_image_folder
 
-__all__ = ['FinetuneConfig', 'finetune', 'check_data', 'CHECKPOINT_FILE', 'METRICS_FILE', 'TrainingStateError']
+__all__ = ['FinetuneConfig', 'finetune', 'check_data', 'CHECKPOINT_FILE', 'METRICS_FILE']
 
 CHECKPOINT_FILE = 'checkpoint.pt'
 METRICS_FILE = 'metrics.json'
 PathLike = Union[str, Path]
-
-
-class TrainingStateError(EmaHubError, ValueError):
-    """The output folder's training state does not fit this run (or the folder already holds another run)."""
 
 
 @dataclass
@@ -80,6 +76,13 @@ class FinetuneConfig:
 
     def run_settings(self) -> Dict[str, object]:
         return {k: getattr(self, k) for k in self.RUN_KEYS}
+
+    @property
+    def init(self) -> str:
+        """What training starts from: the model spec, or ``'random'`` (hf-hub:/local-dir: specs always load theirs)."""
+        if self.pretrained or self.model.startswith(('hf-hub:', 'local-dir:')):
+            return self.model
+        return 'random'
 
 
 def check_data(data: PathLike):
@@ -240,7 +243,7 @@ def _finetune(cfg, resume, progress, info, create_model, save_pretrained) -> Dic
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
-    _log(f'fine-tuning {cfg.model} ({"pretrained" if cfg.pretrained else "random init"}) on {cfg.data}: '
+    _log(f'fine-tuning {cfg.model} ({"random init" if cfg.init == "random" else "pretrained"}) on {cfg.data}: '
          f'{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, '
          f'{data_cfg["input_size"][-1]}px, batch {cfg.batch_size} x {info.world_size} process(es), '
          f'{cfg.opt} lr {cfg.lr:g}, {cfg.epochs} epochs, device {device.type}')
@@ -369,16 +372,13 @@ def _write_result(model, out: Path, cfg: FinetuneConfig, classes: List[str], dat
         pcfg.pop(key, None)
     pcfg['num_classes'] = len(classes)
     pcfg['label_names'] = list(classes)
-    start = cfg.model if cfg.pretrained else f'{pcfg["architecture"]} (random init)'
+    start = f'{pcfg["architecture"]} (random init)' if cfg.init == 'random' else cfg.model
     pcfg['description'] = (f'Fine-tuned from {start} on {Path(cfg.data).name} ({len(classes)} classes, '
                            f'{cfg.epochs} epochs): val top-1 {metrics["top1"]:.2f} %.')
     model.pretrained_cfg = pcfg
     card_metrics = {'top1': metrics['top1'], 'top5': metrics['top5'], 'dataset': Path(cfg.data).resolve().name,
-                    'num_classes': len(classes), 'split': 'val'}
-    save_pretrained(model, out, metrics=card_metrics, data_config=dict(data_cfg))
-    config_path = out / 'config.json'
-    config = json.loads(config_path.read_text(encoding='utf-8'))
-    config['label_names'] = list(classes)  # also at the top level, where the Hub and timm look first
-    config_path.write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+                    'num_classes': len(classes), 'split': 'val', 'init': cfg.init}
+    # label_names also go to config.json's top level, where the Hub and timm look first
+    save_pretrained(model, out, metrics=card_metrics, data_config=dict(data_cfg), label_names=classes)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + '\n', encoding='utf-8')
 

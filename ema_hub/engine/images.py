@@ -23,6 +23,7 @@ full decode in practice while cutting decode time several-fold.
 """
 import glob
 import os
+import struct
 import sys
 import warnings
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from PIL import Image, ImageFile, ImageOps
 
 __all__ = [
     'IMAGE_EXTENSIONS', 'InputEntry', 'iter_inputs', 'list_inputs', 'is_image_file', 'load_image', 'to_rgb',
-    'describe_error',
+    'describe_error', 'DECODE_ERRORS',
 ]
 
 IMAGE_EXTENSIONS = frozenset({
@@ -41,6 +42,9 @@ IMAGE_EXTENSIONS = frozenset({
     '.ppm', '.pgm', '.pbm', '.pnm', '.tga', '.ico', '.jp2', '.j2k', '.avif', '.qoi',
 })
 _GLOB_CHARS = ('*', '?', '[')
+# What ``load_image`` raises for a file that cannot be used (missing, unreadable, not an image, truncated,
+# malformed, a decompression bomb): callers that skip such files catch exactly these.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,9 @@ def load_image(path: Union[str, Path], draft_size: Optional[int] = None, draft_f
             None decodes at full size.
 
     Raises OSError (unreadable, empty, truncated, not an image), PIL's DecompressionBombError (declared
-    size above twice ``Image.MAX_IMAGE_PIXELS``), ValueError or SyntaxError for malformed files: callers
-    turn them into error records with ``describe_error``.
+    size above twice ``Image.MAX_IMAGE_PIXELS``), ValueError, SyntaxError, EOFError or struct.error for
+    malformed files (all in ``DECODE_ERRORS``): callers turn them into error records with ``describe_error``
+    or skip the file.
     """
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)

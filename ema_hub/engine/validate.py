@@ -2,7 +2,9 @@
 
 An ImageFolder is a folder with one sub-folder per class; images anywhere below a class folder belong to it.
 Classes are the sub-folder names in timm's order (``natural_key``: sorted, with digit runs compared as numbers,
-as ``timm.data.create_dataset`` orders them). Unreadable images are skipped and counted, never fatal.
+as ``timm.data.create_dataset`` orders them). Image files are those ``images.is_image_file`` accepts, decoded
+by ``images.load_image`` at full size (EXIF orientation, every mode to RGB, alpha on white, high bit depths
+scaled), as ``classify`` and ``features`` decode them. Unreadable images are skipped and counted, never fatal.
 """
 import os
 import sys
@@ -12,27 +14,22 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from timm.data import create_transform, resolve_data_config
 from timm.utils.misc import natural_key
 
-from ..errors import EmaHubError
+from ..errors import DataError
 from . import distributed as dist_utils
+from .images import DECODE_ERRORS, is_image_file, load_image
 
 __all__ = [
-    'DataError', 'ImageFolderData', 'scan_image_folder', 'ImageFolderDataset', 'collate_skip', 'make_loader',
+    'ImageFolderData', 'scan_image_folder', 'ImageFolderDataset', 'collate_skip', 'make_loader',
     'evaluate', 'validate', 'eval_data_config',
 ]
 
-IMG_EXTENSIONS = frozenset(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm'))
 PathLike = Union[str, Path]
-
-
-class DataError(EmaHubError, ValueError):
-    """The data folder does not have the expected layout; the message says what is wrong and where."""
 
 
 @dataclass
@@ -56,7 +53,7 @@ def scan_image_folder(root: PathLike, what: str = 'data folder', allow_empty_cla
         raise DataError(f'{what} {root} does not exist or is not a folder')
     classes = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')), key=natural_key)
     if not classes:
-        loose = any(p.suffix.lower() in IMG_EXTENSIONS for p in root.iterdir() if p.is_file())
+        loose = any(is_image_file(p.name) for p in root.iterdir() if p.is_file())
         hint = ' (images must sit in one sub-folder per class, not directly in it)' if loose else ''
         raise DataError(f'{what} {root} has no class folders{hint}; expected {root}/<class_name>/<image files>')
     samples: List[Tuple[str, int]] = []
@@ -66,21 +63,15 @@ def scan_image_folder(root: PathLike, what: str = 'data folder', allow_empty_cla
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith('.')]
             found += [os.path.join(dirpath, f) for f in filenames
-                      if not f.startswith('.') and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS]
+                      if not f.startswith('.') and is_image_file(f)]
         if not found:
             empty.append(name)
         samples += [(f, idx) for f in sorted(found, key=natural_key)]
     if empty and not allow_empty_classes:
         shown = ', '.join(empty[:5]) + (f', ... (+{len(empty) - 5} more)' if len(empty) > 5 else '')
         raise DataError(f'{what} {root}: class folder(s) without images: {shown}; add images '
-                        f'({", ".join(sorted(e.lstrip(".") for e in IMG_EXTENSIONS)[:4])}, ...) or remove the folder(s)')
+                        f'(jpg, png, bmp, webp, ...) or remove the folder(s)')
     return ImageFolderData(root, classes, samples, empty)
-
-
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img) or img
-        return img.convert('RGB')
 
 
 class ImageFolderDataset(Dataset):
@@ -96,10 +87,10 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            img = _load_rgb(path)
+            img = load_image(path)  # full size: no JPEG draft for training or evaluation
             if self.transform is not None:
                 img = self.transform(img)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's decode failures
+        except DECODE_ERRORS:
             return None, index
         return img, target, index
 
