@@ -28,19 +28,11 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from .layers import EMA, ema_groups
-from .reference import ReferenceEMA
+from .layers import EMA
+from .reference import ReferenceEMA, with_reference_layers
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 TARGETS = {'layer_speedup': 2.0, 'inference': 1.25, 'inference_stretch': 1.15, 'train': 1.35, 'memory': 1.25}
-
-
-class PaperEMA(ReferenceEMA):
-    """The reference layer with the fast layer's constructor, to drop into timm as ``attn_layer``."""
-
-    def __init__(self, channels: int, factor: int = 32, device=None, dtype=None):
-        super().__init__(channels, ema_groups(channels, factor))
-        self.to(device=device, dtype=dtype)
 
 
 def _sync(device: str) -> None:
@@ -121,13 +113,8 @@ NETWORKS = ['resnet50', 'resnet50_ema', 'paper_form']
 
 def _network(name: str) -> nn.Module:
     import timm
-    if name == 'resnet50_ema':
-        try:
-            return timm.create_model('resnet50_ema')
-        except RuntimeError:  # not registered: the same network built by hand
-            return timm.create_model('resnet50', block_args=dict(attn_layer=EMA))
-    if name == 'paper_form':
-        return timm.create_model('resnet50', block_args=dict(attn_layer=PaperEMA))
+    if name == 'paper_form':  # the same network, each EMA computed the paper's way with the same weights
+        return with_reference_layers(timm.create_model('resnet50_ema'))
     return timm.create_model(name)
 
 
