@@ -109,6 +109,9 @@ def _errors(debug: bool = False) -> Iterator[None]:
         import warnings
         warnings.filterwarnings('ignore', category=UserWarning)
         warnings.filterwarnings('ignore', category=FutureWarning)
+        # huggingface_hub logs every retry of an unreachable Hub; the one-line error below says it all.
+        # It sets its own level from HF_HUB_VERBOSITY when imported, which happens later, inside the command.
+        os.environ.setdefault('HF_HUB_VERBOSITY', 'error')
     try:
         yield
     except (typer.Exit, typer.Abort):
