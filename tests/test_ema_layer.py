@@ -120,3 +120,16 @@ def test_group_rule(channels, factor, groups):
 def test_impossible_arguments(channels, factor):
     with pytest.raises(ValueError, match=f'channels={channels}, factor={factor}'):
         EMA(channels, factor)
+
+
+@pytest.mark.parametrize('mode', ['no_grad', 'inference_mode'])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_inference_path_matches_reference_and_keeps_input(mode, layout):
+    """Without autograd (in-place steps take other paths there): same function, input untouched."""
+    fast, ref = _pair(96, dtype=torch.float32)
+    x = torch.randn(2, 96, 9, 7).contiguous(memory_format=layout)
+    before = x.clone()
+    with getattr(torch, mode)():
+        y = fast(x)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
