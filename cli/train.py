@@ -59,6 +59,7 @@ def finetune(
     from .app import _errors
 
     with _errors(debug):
+        from ema_hub.engine.distributed import launch_rank
         from ema_hub.engine.finetune import FinetuneConfig, finetune as run
 
         if device == 'auto':
@@ -68,18 +69,10 @@ def finetune(
                              scale_min=scale_min,
                              pretrained=pretrained, seed=seed, workers=workers, device=device)
         metrics = run(cfg, resume=resume)
-        if _env_rank() == 0:  # under torchrun, one line from rank 0
+        if launch_rank() == 0:  # under torchrun, one line from rank 0
             typer.echo(json.dumps({k: metrics[k] for k in ('top1', 'top5', 'epochs', 'train_time_s',
                                                          'num_classes', 'images_skipped')}
                                   | {'output': output}))
-
-
-def _env_rank() -> int:
-    import os
-    try:
-        return int(os.environ.get('RANK', 0))
-    except ValueError:
-        return 0
 
 
 def validate(

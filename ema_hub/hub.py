@@ -154,7 +154,8 @@ def create_model(
     Args:
         model: a variant, ``variant.tag``, ``hf-hub:<repo_id>`` or ``local-dir:<folder>``.
         pretrained: load the spec's pretrained weights.
-        weights: a local safetensors file to load instead (EMA or base-architecture weights).
+        weights: a local safetensors file to load instead (EMA or base-architecture weights); unless
+            num_classes is given, the model gets the file's classifier size.
         **kwargs: timm.create_model arguments (num_classes, in_chans, features_only, ...).
     """
     model = resolve_model(model)
@@ -162,8 +163,11 @@ def create_model(
         raise WeightsUnavailableError(f'{model}: no such folder; give a folder holding config.json and '
                                       f'model.safetensors (as written by `ema-hub download --to` or publish)')
     if weights is not None:
+        state = _read_safetensors(Path(weights))
+        if 'num_classes' not in kwargs and (classes := _head_size(state, model)) is not None:
+            kwargs['num_classes'] = classes  # a fine-tuned file loads as it is
         net = timm.create_model(model, pretrained=False, **kwargs)
-        load_weights(net, weights)
+        _load_state(net, state, str(weights))
         return net
     with _hub_errors(model):
         return timm.create_model(model, pretrained=pretrained, **kwargs)
@@ -171,12 +175,28 @@ def create_model(
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     """Load a local safetensors file (an EMA checkpoint, or its base's, which gets the warm start) into ``model``."""
-    path = Path(path)
-    state = _read_safetensors(path)
+    return _load_state(model, _read_safetensors(Path(path)), str(path))
+
+
+def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> nn.Module:
     state = checkpoint_filter_fn(state, model)
-    _check_state_dict(state, model, str(path))
+    _check_state_dict(state, model, source)
     model.load_state_dict(state)
     return model
+
+
+# Where the classifier lives when the spec does not name a variant (hf-hub:/local-dir: architectures).
+_CLASSIFIERS = ('fc', 'classifier', 'head.fc', 'head')
+
+
+def _head_size(state: Dict[str, torch.Tensor], model: str) -> Optional[int]:
+    """The number of classes a state dict's classifier has, if it has one."""
+    if model.startswith(_PREFIXES):
+        names = _CLASSIFIERS
+    else:
+        names = (timm.models.get_pretrained_cfg(model.split('.', 1)[0]).classifier or 'fc',)
+    head = next((state[f'{n}.weight'] for n in names if f'{n}.weight' in state), None)
+    return int(head.shape[0]) if head is not None else None
 
 
 def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
@@ -329,10 +349,8 @@ def convert_checkpoint(source: PathLike, variant: str, out: PathLike) -> Dict[st
             key = f"{match.group('block')}.se.{match.group('part')}.{match.group('param')}"
             renamed += 1
         converted[key] = tensor.contiguous()
-    classifier = timm.models.get_pretrained_cfg(model_name).classifier
-    head = converted.get(f'{classifier}.weight')
-    kwargs = {'num_classes': head.shape[0]} if head is not None else {}
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    classes = _head_size(converted, model_name)
+    model = timm.create_model(model_name, pretrained=False, **({'num_classes': classes} if classes else {}))
     _check_state_dict(converted, model, str(source))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -250,6 +250,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     assert '(5, 512)' in _one_line(e) and '(7, 512)' in _one_line(e)
     loaded = hub.create_model('resnet18_ema', weights=path, num_classes=5)
     assert loaded.fc.out_features == 5
+    assert hub.create_model('resnet18_ema', weights=path).fc.out_features == 5  # head size from the file
 
 
 def test_shape_mismatch_through_hub(fake_hub):

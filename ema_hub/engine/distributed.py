@@ -34,6 +34,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun), group or no group."""
+    return _env_int('RANK', 0)
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -48,7 +53,7 @@ def init(device: Optional[str] = None) -> DistInfo:
     Calling it again returns the same answer without starting a second group.
     """
     world = _env_int('WORLD_SIZE', 1)
-    rank_ = _env_int('RANK', 0)
+    rank_ = launch_rank()
     local_rank = _env_int('LOCAL_RANK', 0)
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
     if use_cuda:

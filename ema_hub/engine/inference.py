@@ -62,38 +62,11 @@ def select_device(name: str = 'auto') -> torch.device:
     return device
 
 
-def _num_classes_in(weights: str, spec: str) -> Optional[int]:
-    """The head size of a safetensors file, read from its header only (so fine-tuned files load as they are)."""
-    import timm
-    from safetensors import SafetensorError, safe_open
-
-    candidates = ['fc', 'classifier', 'head.fc', 'head']
-    if not spec.startswith(('hf-hub:', 'local-dir:')):
-        try:
-            candidates = [timm.models.get_pretrained_cfg(spec.split('.', 1)[0]).classifier or 'fc']
-        except Exception:  # unknown names are reported by create_model itself
-            return None
-    try:
-        with safe_open(weights, framework='pt') as f:
-            keys = set(f.keys())
-            for classifier in candidates:
-                for key in (f'{classifier}.weight', f'module.{classifier}.weight'):
-                    if key in keys:
-                        return int(f.get_slice(key).get_shape()[0])
-    except (SafetensorError, OSError, ValueError):
-        return None  # create_model reports the file's problem with its own message
-    return None
-
-
 def load_model(spec: str, weights: Optional[str] = None, device: Optional[torch.device] = None,
                channels_last: bool = False, **kwargs) -> nn.Module:
     """``ema_hub.hub.create_model`` in eval mode on ``device``; a ``weights`` file sets num_classes by its head."""
     from ..hub import create_model
 
-    if weights is not None and 'num_classes' not in kwargs:
-        num_classes = _num_classes_in(str(weights), spec)
-        if num_classes is not None:
-            kwargs['num_classes'] = num_classes
     model = create_model(spec, pretrained=weights is None, weights=weights, **kwargs)
     model.eval()
     if device is not None:
