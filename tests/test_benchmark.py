@@ -18,10 +18,10 @@ def test_benchmark_quick_prints_full_table():
         assert m, f'no layer row for {shape} in:\n{out}'
         assert float(m.group(3)) > 0 and float(m.group(6)) > 0
     for net in ['resnet50', 'resnet50_ema', 'paper_form']:
-        m = re.search(r'^' + net + NUM * 6 + r'\s*$', out, re.M)
+        m = re.search(r'^' + net + NUM * 8 + r'\s*$', out, re.M)
         assert m, f'no network row for {net} in:\n{out}'
-        assert all(float(v) >= 0 for v in m.groups())
+        assert all(float(v) > 0 for v in m.groups())
         if net == 'resnet50':
-            assert [m.group(i) for i in (2, 4, 6)] == ['1.00'] * 3
+            assert [m.group(i) for i in (2, 4, 6, 8)] == ['1.00'] * 4
     targets = re.findall(r'^(MET    |NOT MET) (.+)$', out, re.M)
     assert len(targets) == 12, out

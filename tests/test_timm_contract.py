@@ -88,6 +88,17 @@ def _assert_close(actual, expected, rtol=RTOL, what=''):
                                msg=(lambda m: f'{what}: {m}') if what else None)
 
 
+def _assert_same_function_fp64(scripted, model, x, what=''):
+    """TorchScript compiles EMA's op-by-op form and eager runs its fast path: two summation orders, so in
+    fp32 their outputs differ by rounding, which an ill-conditioned random network amplifies past 1e-4
+    (mobilenetv2 here; the paper's form is no closer to the fp64 result). In fp64 the two must agree to 1e-9."""
+    scripted, model = scripted.double(), model.double()
+    with torch.no_grad():
+        expected, out = model(x.double()), scripted(x.double())
+    for o, e in (zip(out, expected) if isinstance(out, list) else [(out, expected)]):
+        _assert_close(o, e, rtol=1e-9, what=what)
+
+
 def _randn(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
@@ -140,8 +151,9 @@ class _TimmTracer(torch.fx.Tracer):
 
 def _fx_model(model):
     """The model symbolically traced in its current mode (train / eval), as a GraphModule sharing its weights.
-    EMA is no leaf module: its forward is traced op by op."""
-    assert not any(isinstance(m, EMA) for m in get_notrace_modules())
+    EMA is one of timm's leaf modules (as timm's own attention layers are): the graph calls it, so it runs
+    the same fast path as eager. Its op-by-op form is what TorchScript compiles (tests below)."""
+    assert EMA in get_notrace_modules()
     return torch.fx.GraphModule(model, _TimmTracer().trace(model))
 
 
@@ -327,10 +339,9 @@ def test_model_forward_torchscript(name, jit_profiling_off):
     x = _randn(1, 3, JIT_SIZE, JIT_SIZE)
     scripted = torch.jit.script(model)
     with torch.no_grad():
-        expected = model(x)
         out = scripted(x)
-    assert out.shape == (1, 1000)
-    _assert_close(out, expected)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    _assert_same_function_fp64(scripted, model, x)
 
 
 # --- timm: test_model_forward_fx ---------------------------------------------------------------------------------
@@ -375,10 +386,9 @@ def test_model_forward_fx_torchscript(name, jit_profiling_off):
     x = _randn(1, 3, JIT_SIZE, JIT_SIZE)
     scripted = torch.jit.script(_fx_model(model))
     with torch.inference_mode():
-        expected = model(x)
         out = scripted(x)
-    assert out.shape == (1, 1000)
-    _assert_close(out, expected)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    _assert_same_function_fp64(scripted, model, x)
 
 
 # --- timm: test_model_forward_torchscript_with_features_fx (timm: regnetx_002 only) ------------------------------
@@ -389,12 +399,10 @@ def test_model_features_fx_torchscript(name, jit_profiling_off):
     x = _randn(1, 3, JIT_SIZE, JIT_SIZE)
     scripted = torch.jit.script(model)
     with torch.inference_mode():
-        expected = model(x)
         outputs = scripted(x)
     assert isinstance(outputs, list)
     _check_features(outputs, model.feature_info, 1, JIT_SIZE)
-    for o, e in zip(outputs, expected):
-        _assert_close(o, e)
+    _assert_same_function_fp64(scripted, model, x)
 
 
 # --- timm: test_model_load_pretrained, test_model_features_pretrained --------------------------------------------
