@@ -3,8 +3,8 @@
 Run ``python -m ema_hub.benchmark [--quick] [--threads 2] [--batch 8] [--repeats N] [--device cpu|cuda]``.
 
 Everything runs in one process and the candidates are interleaved round-robin (each repeat times every
-candidate once, in turn), so that load on a shared machine hits all of them alike; the table reports the
-median over repeats.
+candidate once, in turn, the order reversed every other round), so that load on a shared machine and one
+candidate's after-effects hit all of them alike; the table reports the median over repeats.
 
 * Layer: ``ema_hub.EMA`` vs ``ema_hub.reference.ReferenceEMA`` (same parameters) at the four ResNet-50
   stage shapes, inference (``torch.inference_mode``) and a training step (forward + backward w.r.t. the
@@ -45,10 +45,15 @@ def _sync(device: str) -> None:
 
 
 def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds of each callable, timing them round-robin ``repeats`` times after ``warmup`` rounds."""
+    """Median seconds of each callable, timing them round-robin ``repeats`` times after ``warmup`` rounds.
+
+    The order alternates from round to round (A B C, C B A, ...): whatever one candidate leaves behind (a
+    heap to grow back, caches to refill) then falls on each of the others alike.
+    """
     times: Dict[str, List[float]] = {k: [] for k in fns}
+    order = list(fns.items())
     for r in range(warmup + repeats):
-        for k, fn in fns.items():
+        for k, fn in (order if r % 2 == 0 else order[::-1]):
             _sync(device)
             t0 = time.perf_counter()
             fn()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ema_hub import EMA, ema_groups
+import ema_hub.layers.ema as ema_layer
 from ema_hub.layers.ema import ema_traceable
 from ema_reference import ReferenceEMA
 
@@ -200,3 +201,13 @@ def test_fp32_accuracy_when_mean_dominates(c, s):
     d32, d64 = torch.autograd.grad(y32, x32, g.float())[0], torch.autograd.grad(y64, x64, g)[0]
     assert ((y32.double() - y64).abs().max() / y64.abs().max()).item() < 5e-6
     assert ((d32.double() - d64).abs().max() / d64.abs().max()).item() < 5e-6
+
+
+@pytest.mark.parametrize('b,c,h,w,factor', [(3, 64, 9, 7, 32), (2, 64, 17, 19, 32), (5, 8, 6, 6, 1)])
+def test_chunked_temporaries(monkeypatch, b, c, h, w, factor):
+    """The eager path makes its largest temporaries a chunk of the batch at a time; with chunks far smaller
+    than these inputs (so that every loop runs several times, with a shorter last chunk) nothing changes."""
+    monkeypatch.setattr(ema_layer, '_CHUNK_BYTES', 2000)
+    fast, ref = _pair(c, factor)
+    assert len(ema_layer._chunks(b * fast.groups, 9 * h * w * 8)) > 2
+    _assert_same_function(fast, ref, torch.randn(b, c, h, w, dtype=torch.float64) * 2 + 0.5, rtol=1e-9)

@@ -173,31 +173,36 @@ def _coefficients(edges: torch.Tensor, s: torch.Tensor, q: torch.Tensor, params:
     return k, bias, taps_mix, mu, var, rstd, taps_e, s2, s1
 
 
-def _cross(gx: torch.Tensor, a: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, taps_mix: torch.Tensor) -> torch.Tensor:
-    """The attention logits per pixel (n, H, W): s1 . conv3x3(x) + s2 . gn(a), folded."""
-    n, c, h, w = gx.shape[0], gx.shape[1], gx.shape[2], gx.shape[3]
-    # One output channel: a (9, c) matmul and a sum of shifted tap maps. A one-output-channel conv2d is
-    # several times slower through oneDNN on CPU (stage 1: 20 ms vs 2 ms).
-    cross = _sum_shifted_taps(torch.matmul(taps_mix, gx.reshape(n, c, h * w)).reshape(n, 3, 3, h, w))
-    cross = cross + torch.matmul(k.unsqueeze(1), a.reshape(n, c, h * w)).reshape(n, h, w)
-    return cross + bias.reshape(n, 1, 1)
+def _cross(conv: torch.Tensor, a: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The attention logits per pixel (n, H, W): s1 . conv3x3(x) + s2 . gn(a), folded; ``conv`` is the first."""
+    n, c, h, w = a.shape[0], a.shape[1], a.shape[2], a.shape[3]
+    return conv + torch.matmul(k.unsqueeze(1), a.reshape(n, c, h * w)).reshape(n, h, w) + bias.reshape(n, 1, 1)
 
 
-def _sum_shifted_taps(z: torch.Tensor) -> torch.Tensor:
-    """Zero-padded 3x3 correlation from per-tap maps: out[p, q] = sum_ij z[i, j, p + i - 1, q + j - 1].
+def _one_output_conv(gx: torch.Tensor, taps_mix: torch.Tensor) -> torch.Tensor:
+    """s1 . conv3x3(x) with s1 folded into the taps: a (9, c) matmul and a sum of shifted tap maps (n, H, W).
 
-    z is (n, 3, 3, H, W). Each tap map is added in place into a zero border-padded (n, H+2, W+2) buffer at
-    its offset, then the border is cropped: one small buffer and nine reads. The taps come from unbind, not
-    slicing, so autograd's backward does not zero-fill a full buffer per tap.
+    A one-output-channel conv2d is several times slower through oneDNN on CPU (stage 1: 17 ms vs 2.3 ms).
     """
-    n, h, w = z.shape[0], z.shape[3], z.shape[4]
-    out = z.new_zeros(n, h + 2, w + 2)
+    n, c, h, w = gx.shape[0], gx.shape[1], gx.shape[2], gx.shape[3]
+    padded = gx.new_zeros(n, h + 2, w + 2)
+    _add_shifted_taps(padded, torch.matmul(taps_mix, gx.reshape(n, c, h * w)).reshape(n, 3, 3, h, w))
+    return padded[:, 1:h + 1, 1:w + 1]
+
+
+def _add_shifted_taps(padded: torch.Tensor, z: torch.Tensor) -> None:
+    """Zero-padded 3x3 correlation from per-tap maps: padded[p + 1, q + 1] += sum_ij z[i, j, p + i - 1, q + j - 1].
+
+    z is (n, 3, 3, H, W), padded (n, H+2, W+2) with a zero border: each tap map is added in place at its
+    offset, one small buffer and nine reads. The taps come from unbind, not slicing, so autograd's backward
+    does not zero-fill a full buffer per tap.
+    """
+    h, w = z.shape[3], z.shape[4]
     rows = z.unbind(1)
     for i in range(3):
         taps = rows[i].unbind(1)
         for j in range(3):
-            out[:, 2 - i:2 - i + h, 2 - j:2 - j + w].add_(taps[j])  # add_ on a view: FX-traceable
-    return out[:, 1:h + 1, 1:w + 1]
+            padded[:, 2 - i:2 - i + h, 2 - j:2 - j + w].add_(taps[j])  # add_ on a view: FX-traceable
 
 
 # ---- the differentiable form: TorchScript, FX, compile/export, autocast, double backward ------------------
@@ -221,7 +226,7 @@ def ema_traceable(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
     # sum a^2 as a squared vector_norm (torch.var_mean over a spatial axis is ~10x slower on CPU).
     s, q = a.sum((2, 3)), torch.linalg.vector_norm(a, dim=(2, 3)).square()
     k, bias, taps_mix = _coefficients(_edge_sums(rows, cols, corners), s, q, params, tap_edges, eps, h * w)[:3]
-    return (gx * torch.sigmoid(_cross(gx, a, k, bias, taps_mix)).unsqueeze(1)).reshape(x.shape)
+    return (gx * torch.sigmoid(_cross(_one_output_conv(gx, taps_mix), a, k, bias)).unsqueeze(1)).reshape(x.shape)
 
 
 # ---- the eager fast path: forward into one buffer, hand-written backward ----------------------------------
@@ -231,7 +236,7 @@ def _forward_fast(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
 
     Returns the output and the small tensors the backward needs.
     """
-    gx = _grouped(x, groups)
+    gx = _grouped(x, groups).contiguous()
     n, c, h, w = gx.shape
     pooled, edges = _pool(gx)
     gates = _gates(pooled, params[0], params[1])
@@ -240,9 +245,33 @@ def _forward_fast(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
     a = torch.addcmul(-_shift(pooled, gates, h), a, gates[:, :, h:].unsqueeze(2), out=a)  # a - shift
     s, q = a.sum((2, 3)), torch.linalg.vector_norm(a, dim=(2, 3)).square()
     coef = _coefficients(edges, s, q, params, tap_edges, eps, h * w)
-    gate = torch.sigmoid(_cross(gx, a, coef[0], coef[1], coef[2]))
+    gate = torch.sigmoid_(_cross(_one_output_conv_chunked(gx, coef[2]), a, coef[0], coef[1]))
     torch.mul(gx, gate.unsqueeze(1), out=a)
     return out, gate, pooled, edges, coef
+
+
+# Temporaries larger than x / 4 or so (the (n, 9, P) tap maps when C/G < 36, e = da * x) are computed through
+# the batch in chunks of at most this many bytes, into one reused buffer: in a network a fresh buffer of
+# x's size costs page faults on first touch that exceed the arithmetic (resnet50_ema's stage 1 in a training
+# step: a (n, c, P) product into a fresh buffer 17 ms, into a reused one 1.3 ms).
+_CHUNK_BYTES = 1 << 22
+
+
+def _chunks(n: int, item_bytes: int) -> List[Tuple[int, int]]:
+    step = max(1, _CHUNK_BYTES // max(item_bytes, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _one_output_conv_chunked(gx: torch.Tensor, taps_mix: torch.Tensor) -> torch.Tensor:
+    """``_one_output_conv`` with the (n, 9, P) tap maps made a chunk at a time in one reused buffer."""
+    n, c, h, w = gx.shape
+    padded = gx.new_zeros(n, h + 2, w + 2)
+    chunks = _chunks(n, 9 * h * w * gx.element_size())
+    z = gx.new_empty(chunks[0][1], 9, h * w)
+    for i, j in chunks:
+        zc = torch.bmm(taps_mix.expand(j - i, 9, c), gx[i:j].view(j - i, c, h * w), out=z[:j - i])
+        _add_shifted_taps(padded[i:j], zc.view(j - i, 3, 3, h, w))
+    return padded[:, 1:h + 1, 1:w + 1]
 
 
 # Up to this many pixels per map, pooling and edge sums are one matmul against a constant (P, H+W+9) matrix
@@ -282,13 +311,14 @@ def _pool(gx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([rows / w, cols / h], 2), _edge_sums(rows, cols, corners)
 
 
-def _pool_backward(dx: torch.Tensor, dpooled: torch.Tensor, dedges: torch.Tensor) -> None:
-    """Adds to dx (n, c, H, W) the gradient that reaches x through ``_pool``."""
-    n, c, h, w = dx.shape
+def _input_grad(da: torch.Tensor, gh: torch.Tensor, gw: torch.Tensor, dy: torch.Tensor, gate: torch.Tensor,
+                dpooled: torch.Tensor, dedges: torch.Tensor) -> torch.Tensor:
+    """da * gate_h * gate_w + dy * gate plus the gradient through ``_pool``, in da's buffer (n, c, H, W)."""
+    n, c, h, w = da.shape
     if h * w <= _POOL_MATMUL_MAX_PIXELS:
+        dx = da.mul_(gh).mul_(gw).addcmul_(dy, gate)
         d = torch.cat([dpooled, dedges], 2).view(n * c, h + w + 9)
-        dx.view(n * c, h * w).addmm_(d, _pool_matrix(h, w, dx.dtype, dx.device).t())
-        return
+        return dx.view(n * c, h * w).addmm_(d, _pool_matrix(h, w, dx.dtype, dx.device).t()).view(n, c, h, w)
     # Row and column sums reach every pixel of their row / column; edges add to their row, column, corner.
     drows = dpooled[:, :, :h] / w + dedges[:, :, :1]
     dcols = dpooled[:, :, h:] / h
@@ -296,11 +326,13 @@ def _pool_backward(dx: torch.Tensor, dpooled: torch.Tensor, dedges: torch.Tensor
     drows[:, :, h - 1].add_(dedges[:, :, 2])
     dcols[:, :, 0].add_(dedges[:, :, 3])
     dcols[:, :, w - 1].add_(dedges[:, :, 4])
-    dx.add_(drows.unsqueeze(3)).add_(dcols.unsqueeze(2))
+    # The column term rides on the multiply by gate_h (addcmul's broadcast input): one pass fewer.
+    dx = torch.addcmul(dcols.unsqueeze(2), da.mul_(gw), gh, out=da).addcmul_(dy, gate).add_(drows.unsqueeze(3))
     dcorner = dedges[:, :, 5:].view(n, c, 2, 2)
     for i, r in enumerate((0, h - 1)):
         for j, col in enumerate((0, w - 1)):
             dx[:, :, r, col].add_(dcorner[:, :, i, j])
+    return dx
 
 
 class _EMAFunction(torch.autograd.Function):
@@ -324,23 +356,19 @@ class _EMAFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(ema_traceable(x, ctx.groups, params, tap_edges, ctx.eps), wrt, dy,
                                              create_graph=True, allow_unused=True))
             return tuple(next(grads) if need else None for need in needs)
-        gx, dy = _grouped(x, ctx.groups), _grouped(dy, ctx.groups)
+        gx, dy = _grouped(x, ctx.groups).contiguous(), _grouped(dy, ctx.groups)
         n, c, h, w = gx.shape
         pixels = h * w
         gates = _gates(pooled, w1, b1)  # recomputed: cheaper than keeping (n, c, H + W) per layer
         gh, gw = gates[:, :, :h].unsqueeze(3), gates[:, :, h:].unsqueeze(2)
 
-        # d cross = sum_c dy * x * sigmoid'(cross); then a is recomputed into the same buffer.
+        # d cross = sum_c dy * x * sigmoid'(cross); then a - shift is recomputed into the same buffer, which
+        # later holds da and finally the input gradient: the one full-size allocation of the backward.
         buf = torch.mul(dy, gx)
         g = buf.sum(1).mul_(gate * (1 - gate))
         a = torch.addcmul(-_shift(pooled, gates, h), torch.mul(gx, gh, out=buf), gw, out=buf)
         dk = torch.matmul(a.view(n, c, pixels), g.view(n, pixels, 1)).view(n, c)
         dbias = g.sum((1, 2))
-        # d of the shifted-tap sum: each tap map's gradient is g shifted back (n, 9, P).
-        gp = F.pad(g, (1, 1, 1, 1))
-        dz = torch.stack([gp[:, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)], 1)
-        dz = dz.view(n, 9, pixels)
-        d_taps_mix = torch.matmul(dz, gx.view(n, c, pixels).transpose(1, 2)).sum(0)  # (tap, in)
 
         # The per-channel algebra of _coefficients, backwards.
         dbias_c = dbias.unsqueeze(1)
@@ -351,33 +379,44 @@ class _EMAFunction(torch.autograd.Function):
         dlogit = s2 * (ds2 - (s2 * ds2).sum(1, keepdim=True))
         total = dbias.sum()
         db3 = dlogit.sum(0) + s1 * total
-        ds1 = b3 * total + torch.matmul(w3.reshape(c, c * 9), d_taps_mix.t().reshape(c * 9))
-        dbeta = (dbias_c * s2).sum(0) + s1 * (ds1 - (s1 * ds1).sum())
         dedges = torch.matmul(dlogit, taps_e.reshape(c, c * 9)).view(n, c, 9) / pixels
         dtaps_e = torch.matmul(dlogit.t(), edges.reshape(n, c * 9)).view(c, c, 9) / pixels
-        dw3 = (torch.matmul(dtaps_e, tap_edges.t()) + s1.view(c, 1, 1) * d_taps_mix.t().unsqueeze(0)).view(w3.shape)
         dvar = (-0.5 * drstd * rstd ** 3) * (var >= 0)
         dq = dvar / pixels
         ds = (dmu - 2 * mu * dvar) / pixels
 
-        # da = k g + ds + 2 dq a, in place; then the gates' gradients from e = da * x.
+        # da = k g + ds + 2 dq a, in place; the gates' gradients are row / column sums of e = da * x * gate,
+        # made a chunk at a time (e is needed only for those sums).
         da = torch.addcmul(ds.view(n, c, 1, 1), a, (2 * dq).view(n, c, 1, 1), out=a)
         da.addcmul_(k.view(n, c, 1, 1), g.view(n, 1, h, w))
-        e = torch.mul(da, gx)
-        dgates = torch.cat([torch.matmul(e, gw.transpose(2, 3)).view(n, c, h),
-                            torch.matmul(gh.transpose(2, 3), e).view(n, c, w)], 2)
-        du = dgates * gates * (1 - gates)
+        dgh, dgw = gx.new_empty(n, c, h, 1), gx.new_empty(n, c, 1, w)
+        chunks = _chunks(n, c * pixels * gx.element_size())
+        e = gx.new_empty((chunks[0][1],) + gx.shape[1:])
+        for i, j in chunks:  # (matmul's out= must be contiguous: a strided one falls back to a slow loop)
+            ec = torch.mul(da[i:j], gx[i:j], out=e[:j - i])
+            torch.matmul(ec, gw[i:j].transpose(2, 3), out=dgh[i:j])
+            torch.matmul(gh[i:j].transpose(2, 3), ec, out=dgw[i:j])
+        du = torch.cat([dgh.view(n, c, h), dgw.view(n, c, w)], 2).mul_(gates * (1 - gates))
         dw1 = torch.matmul(du, pooled.transpose(1, 2)).sum(0).view(w1.shape)
         db1 = du.sum((0, 2))
 
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.mul(dy, gate.unsqueeze(1), out=e)
-            dx.addcmul_(da.mul_(gh), gw)
-            dx.view(n, c, pixels).baddbmm_(taps_mix.t().expand(n, c, 9), dz)
-            _pool_backward(dx, torch.matmul(w1.reshape(c, c).t(), du), dedges)
-            dx = dx.view(x.shape)
-        return dx, None, None, None, dw1, db1, dgamma, dbeta, dw3, db3
+        # The input gradient, in da's buffer: da * gate_h * gate_w + dy * sigmoid(cross), the pooling, and the
+        # one-output conv's transpose (each tap map's gradient is g shifted back, made a chunk at a time).
+        dx = _input_grad(da, gh, gw, dy, gate.unsqueeze(1), torch.matmul(w1.reshape(c, c).t(), du), dedges)
+        gp = F.pad(g, (1, 1, 1, 1))
+        chunks = _chunks(n, 9 * pixels * gx.element_size())
+        dz = gx.new_empty(chunks[0][1], 9, pixels)
+        d_taps_mix = gx.new_zeros(9, c)
+        for i, j in chunks:
+            dzc = torch.stack([gp[i:j, 2 - r:2 - r + h, 2 - q:2 - q + w].reshape(j - i, pixels)
+                               for r in range(3) for q in range(3)], 1, out=dz[:j - i])
+            d_taps_mix += torch.matmul(dzc, gx[i:j].view(j - i, c, pixels).transpose(1, 2)).sum(0)
+            dx[i:j].view(j - i, c, pixels).baddbmm_(taps_mix.t().expand(j - i, c, 9), dzc)
+
+        ds1 = b3 * total + torch.matmul(w3.reshape(c, c * 9), d_taps_mix.t().reshape(c * 9))
+        dbeta = (dbias_c * s2).sum(0) + s1 * (ds1 - (s1 * ds1).sum())
+        dw3 = (torch.matmul(dtaps_e, tap_edges.t()) + s1.view(c, 1, 1) * d_taps_mix.t().unsqueeze(0)).view(w3.shape)
+        return dx.view(x.shape), None, None, None, dw1, db1, dgamma, dbeta, dw3, db3
 
 
 def _bias(bias: Optional[torch.Tensor]) -> torch.Tensor:
