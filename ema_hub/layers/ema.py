@@ -413,8 +413,9 @@ class _EMAFunction(torch.autograd.Function):
         dz = gx.new_empty(chunks[0][1], 9, pixels)
         d_taps_mix = gx.new_zeros(9, c)
         for i, j in chunks:
-            dzc = torch.stack([gp[i:j, 2 - r:2 - r + h, 2 - q:2 - q + w].reshape(j - i, pixels)
-                               for r in range(3) for q in range(3)], 1, out=dz[:j - i])
+            # (Stacked as (m, 9, H, W) views: reshaping each shifted window first would copy it twice.)
+            dzc = torch.stack([gp[i:j, 2 - r:2 - r + h, 2 - q:2 - q + w] for r in range(3) for q in range(3)], 1,
+                              out=dz[:j - i].view(j - i, 9, h, w)).view(j - i, 9, pixels)
             d_taps_mix += torch.matmul(dzc, gx[i:j].view(j - i, c, pixels).transpose(1, 2)).sum(0)
             dx[i:j].view(j - i, c, pixels).baddbmm_(taps_mix.t().expand(j - i, c, 9), dzc)
 
