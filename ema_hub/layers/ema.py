@@ -108,10 +108,13 @@ class EMA(nn.Module):
 
 
 def _runs_eagerly(x) -> bool:
-    """Whether the hand-written path may run: a real tensor, no tracer or compiler watching, no autocast."""
+    """Whether the hand-written path may run: a real tensor, no tracer, compiler or torch.func transform
+    (vmap, grad: per-sample gradients) watching, no autocast."""
     if not isinstance(x, torch.Tensor):  # an FX proxy
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if torch._C._are_functorch_transforms_active():  # what torch.autograd.Function itself consults
         return False
     return not torch.is_autocast_enabled(x.device.type)
 
