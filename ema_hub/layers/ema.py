@@ -262,6 +262,7 @@ _CHUNK_BYTES = 1 << 23
 
 
 def _chunks(n: int, item_bytes: int) -> List[Tuple[int, int]]:
+    """(start, stop) ranges over n items of ``item_bytes`` each, at most _CHUNK_BYTES per range."""
     step = max(1, _CHUNK_BYTES // max(item_bytes, 1))
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -394,8 +395,8 @@ class _EMAFunction(torch.autograd.Function):
         dq = dvar / pixels
         ds = (dmu - 2 * mu * dvar) / pixels
 
-        # da = k g + ds + 2 dq a, in place; the gates' gradients are row / column sums of e = da * x * gate,
-        # made a chunk at a time (e is needed only for those sums).
+        # da = k g + ds + 2 dq a, in place. The gates' gradients are sums of e = da * x along rows (weighted by
+        # gate_w) and columns (by gate_h); e is needed only for those, so it is made a chunk at a time.
         da = torch.addcmul(ds.view(n, c, 1, 1), a, (2 * dq).view(n, c, 1, 1), out=a)
         da.addcmul_(k.view(n, c, 1, 1), g.view(n, 1, h, w))
         dgh, dgw = gx.new_empty(n, c, h, 1), gx.new_empty(n, c, 1, w)
