@@ -260,9 +260,10 @@ def features(
         from ema_hub.engine import inference
         from ema_hub.engine.output import FeatureWriter, Progress
 
-        distributed = _env_int('WORLD_SIZE', 1) > 1
+        from ema_hub.engine import distributed as dist
+
+        distributed = dist.launch_world_size() > 1
         if distributed:  # under torchrun: every rank embeds its shard, rank 0 gathers and writes once
-            from ema_hub.engine import distributed as dist
             place = dist.init(None if device == 'auto' else device)
             dev, is_main = place.device, place.is_main
         else:
@@ -270,7 +271,7 @@ def features(
         net = inference.load_model(model, weights, dev, channels_last)
         options = dict(batch_size=batch_size, workers=workers, device=dev, amp=amp, channels_last=channels_last)
         failed = 0
-        share = len(range(place.rank, len(entries), place.world_size)) if distributed else len(entries)
+        share = len(dist.shard_indices(len(entries), place.rank, place.world_size)) if distributed else len(entries)
         progress = Progress(share, enabled=None if is_main else False)
         try:
             if distributed:
@@ -295,13 +296,6 @@ def features(
         typer.echo(f'wrote {len(writer.paths)} x {writer.dim or 0} features to {output}'
                    + (f'; {failed} image(s) failed' if failed else ''), err=True)
         raise typer.Exit(1 if failed else 0)
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 @app.command('list')

@@ -224,13 +224,20 @@ def _check_state_dict(state: Dict[str, torch.Tensor], model: nn.Module, source: 
         raise CheckpointKeysError(source, arch, unknown, missing)
 
 
-def class_labels(model: nn.Module) -> Optional[List[str]]:
-    """Human-readable class names from the model's pretrained cfg (ImageNet descriptions, or folder names)."""
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    names = cfg.get('label_names')
+def label_names(model: nn.Module) -> Optional[List[str]]:
+    """The model's class names as its pretrained cfg gives them (ImageNet synsets, folder names), one per class."""
+    names = (getattr(model, 'pretrained_cfg', {}) or {}).get('label_names')
     if not names or len(names) != getattr(model, 'num_classes', len(names)):
         return None
-    descriptions = cfg.get('label_descriptions') or {}
+    return [str(n) for n in names]
+
+
+def class_labels(model: nn.Module) -> Optional[List[str]]:
+    """Human-readable class names from the model's pretrained cfg (ImageNet descriptions, or folder names)."""
+    names = label_names(model)
+    if names is None:
+        return None
+    descriptions = model.pretrained_cfg.get('label_descriptions') or {}
     return [descriptions.get(n, n) for n in names]
 
 

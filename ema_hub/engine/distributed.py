@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    'DistInfo', 'init', 'cleanup', 'is_distributed', 'rank', 'world_size', 'is_main', 'barrier', 'all_reduce_sum',
+    'DistInfo', 'launch_rank', 'launch_world_size', 'init', 'cleanup', 'is_distributed', 'rank', 'world_size', 'is_main', 'barrier', 'all_reduce_sum',
     'all_gather_objects', 'broadcast_object', 'shard_indices', 'gather_features',
 ]
 
@@ -39,6 +39,11 @@ def launch_rank() -> int:
     return _env_int('RANK', 0)
 
 
+def launch_world_size() -> int:
+    """The number of processes torchrun started (1 when not launched by torchrun), group or no group."""
+    return _env_int('WORLD_SIZE', 1)
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -52,7 +57,7 @@ def init(device: Optional[str] = None) -> DistInfo:
     ``device``: ``'cpu'``, ``'cuda'`` (this process's ``cuda:LOCAL_RANK``) or None (CUDA when available).
     Calling it again returns the same answer without starting a second group.
     """
-    world = _env_int('WORLD_SIZE', 1)
+    world = launch_world_size()
     rank_ = launch_rank()
     local_rank = _env_int('LOCAL_RANK', 0)
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
@@ -67,8 +72,10 @@ def init(device: Optional[str] = None) -> DistInfo:
         dist.init_process_group(backend=backend, **kwargs)
     if world > 1 and not use_cuda and 'OMP_NUM_THREADS' not in os.environ:
         # CPU workers share the machine: split its cores instead of oversubscribing them N times over.
+        from .inference import available_cpus
+
         local_world = _env_int('LOCAL_WORLD_SIZE', world)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, available_cpus() // local_world))
     return DistInfo(rank_ if world > 1 else 0, world, local_rank, dev)
 
 

@@ -95,11 +95,9 @@ def iter_inputs(args: Iterable[str], stdin: Optional[TextIO] = None) -> Iterator
             yield from _expand(arg)
 
 
-def list_inputs(args: Iterable[str], stdin: Optional[TextIO] = None, rank: int = 0,
-                world_size: int = 1) -> List[InputEntry]:
-    """``iter_inputs`` as a list; with ``world_size`` > 1, only this rank's share (``entries[rank::world_size]``)."""
-    entries = list(iter_inputs(args, stdin))
-    return entries[rank::world_size] if world_size > 1 else entries
+def list_inputs(args: Iterable[str], stdin: Optional[TextIO] = None) -> List[InputEntry]:
+    """``iter_inputs`` as a list (sharding for torchrun is ``inference.run_model``'s)."""
+    return list(iter_inputs(args, stdin))
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
-__all__ = ['FORMATS', 'RecordWriter', 'make_writer', 'format_for_output', 'Progress', 'FeatureWriter',
+__all__ = ['FORMATS', 'RecordWriter', 'format_for_output', 'Progress', 'FeatureWriter',
            'FEATURE_SUFFIXES']
 
 FORMATS = ('table', 'json', 'jsonl', 'csv')
@@ -97,10 +97,6 @@ def _table_block(record: Dict[str, object]) -> str:
     else:
         lines.append(f"  error: {record.get('error')}")
     return '\n'.join(lines) + '\n'
-
-
-def make_writer(fmt: str, stream: TextIO) -> RecordWriter:
-    return RecordWriter(stream, fmt)
 
 
 class Progress:

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from timm.data import create_transform, resolve_data_config
 from timm.utils.misc import natural_key
 
-from ..errors import DataError
+from ..errors import DataError, _names
 from . import distributed as dist_utils
 from .images import DECODE_ERRORS, is_image_file, load_image
+from .inference import available_cpus
 
 __all__ = [
     'ImageFolderData', 'scan_image_folder', 'ImageFolderDataset', 'collate_skip', 'make_loader',
@@ -68,8 +69,7 @@ def scan_image_folder(root: PathLike, what: str = 'data folder', allow_empty_cla
             empty.append(name)
         samples += [(f, idx) for f in sorted(found, key=natural_key)]
     if empty and not allow_empty_classes:
-        shown = ', '.join(empty[:5]) + (f', ... (+{len(empty) - 5} more)' if len(empty) > 5 else '')
-        raise DataError(f'{what} {root}: class folder(s) without images: {shown}; add images '
+        raise DataError(f'{what} {root}: class folder(s) without images: {_names(empty)}; add images '
                         f'(jpg, png, bmp, webp, ...) or remove the folder(s)')
     return ImageFolderData(root, classes, samples, empty)
 
@@ -115,7 +115,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, sampler=None
 
 
 def default_workers() -> int:
-    return min(4, max(0, (os.cpu_count() or 1) // max(dist_utils.world_size(), 1) - 1))
+    return min(4, max(0, available_cpus() // max(dist_utils.world_size(), 1) - 1))
 
 
 def eval_data_config(model: nn.Module, img_size: Optional[int] = None) -> Dict[str, object]:
@@ -215,7 +215,7 @@ def validate(model: Union[str, nn.Module], data_dir: PathLike, *, batch_size: in
     carries label names (a fine-tuned checkpoint), folders are matched to them by name instead. A folder
     holding only ``train/`` and ``val/`` is validated on ``val/``. Runs unchanged under torchrun.
     """
-    from ..hub import create_model
+    from ..hub import create_model, label_names
 
     info = dist_utils.init(device)
     root = _resolve_eval_root(Path(data_dir))
@@ -224,7 +224,7 @@ def validate(model: Union[str, nn.Module], data_dir: PathLike, *, batch_size: in
         raise DataError(f'validation folder {root} holds no image files')
     net = create_model(model, pretrained=pretrained) if isinstance(model, str) else model
     net = net.to(info.device).eval()
-    mapping = _target_map(_raw_label_names(net), data.classes, net.num_classes, root)
+    mapping = _target_map(label_names(net), data.classes, net.num_classes, root)
     samples = data.samples if mapping is None else [(p, mapping[t]) for p, t in data.samples]
     cfg = eval_data_config(net, img_size)
     dataset = ImageFolderDataset(samples, create_transform(**cfg, is_training=False))
@@ -240,13 +240,6 @@ def validate(model: Union[str, nn.Module], data_dir: PathLike, *, batch_size: in
     })
     result['num_classes'] = net.num_classes
     return result
-
-
-def _raw_label_names(model: nn.Module) -> Optional[List[str]]:
-    names = (getattr(model, 'pretrained_cfg', {}) or {}).get('label_names')
-    if isinstance(names, (list, tuple)) and len(names) == getattr(model, 'num_classes', -1):
-        return [str(n) for n in names]
-    return None
 
 
 def format_result(result: Dict[str, object]) -> str:

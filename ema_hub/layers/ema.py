@@ -127,7 +127,7 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _edge_sums(rows: torch.Tensor, cols: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """(n, c, 9) edge sums from row sums (n, c, H), column sums (n, c, W), corners x00, x0l, xl0, xll (n, c, 4)."""
-    n, c, h, w = rows.shape[0], rows.shape[1], rows.shape[2], cols.shape[2]
+    h, w = rows.shape[2], cols.shape[2]
     return torch.cat([
         rows.sum(2, keepdim=True),
         rows[:, :, 0:1], rows[:, :, h - 1:h],  # first and last row (the same one when H = 1)
