@@ -371,7 +371,8 @@ def _input_grad_small(da_gated: torch.Tensor, dy: torch.Tensor, gate: torch.Tens
 
 def _input_grad(da: torch.Tensor, gh: torch.Tensor, gw: torch.Tensor, dy: torch.Tensor, gate: torch.Tensor,
                 dpooled: torch.Tensor, dedges: torch.Tensor) -> torch.Tensor:
-    """da * gate_h * gate_w + dy * gate plus the gradient through ``_pool``, in da's buffer (n, c, H, W)."""
+    """da * gate_h * gate_w + dy * gate plus the gradient through ``_pool``, in da's buffer (n, c, H, W), for
+    maps above 256 pixels (``_input_grad_small`` takes the others)."""
     n, c, h, w = da.shape
     # Row and column sums reach every pixel of their row / column; edges add to their row, column, corner.
     drows = dpooled[:, :, :h] / w + dedges[:, :, :1]
