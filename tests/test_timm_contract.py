@@ -153,7 +153,8 @@ class _TimmTracer(torch.fx.Tracer):
 def _fx_model(model):
     """The model symbolically traced in its current mode (train / eval), as a GraphModule sharing its weights.
     EMA is one of timm's leaf modules (as its non-local attention, norm-act and same-padding layers are): the
-    graph calls it, so it runs the same fast path as eager. Its op-by-op form is what TorchScript compiles (tests below)."""
+    graph calls it, so it runs the same fast path as eager. Its op-by-op form is what TorchScript compiles
+    (tests below)."""
     assert EMA in get_notrace_modules()
     return torch.fx.GraphModule(model, _TimmTracer().trace(model))
 

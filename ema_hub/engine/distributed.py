@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    'DistInfo', 'launch_rank', 'launch_world_size', 'init', 'cleanup', 'is_distributed', 'rank', 'world_size', 'is_main', 'barrier', 'all_reduce_sum',
-    'all_gather_objects', 'broadcast_object', 'shard_indices', 'gather_features',
+    'DistInfo', 'launch_rank', 'launch_world_size', 'init', 'cleanup', 'is_distributed', 'rank', 'world_size',
+    'is_main', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'broadcast_object', 'shard_indices', 'gather_features',
 ]
 
 
