@@ -285,14 +285,13 @@ def _gated(gx: torch.Tensor, gates: torch.Tensor, shift: torch.Tensor, out: torc
 
     Products with a gate broadcast along a short innermost axis are slow (a multiply by gate_h at 7x7 takes
     as long as three contiguous passes), so small maps use the gate product gate_h x gate_w (``_gate_product``,
-    one such broadcast instead of two; the backward passes the one it keeps) and contiguous in-place passes:
-    with the shift, 14x14 0.95 -> 0.83 ms and 7x7 0.95 -> 0.71 ms.
+    one such broadcast instead of two; the backward passes the one it keeps) and one contiguous pass for the
+    rest: with the shift, 14x14 0.95 -> 0.54 ms and 7x7 0.95 -> 0.43 ms.
     """
     h = gx.shape[2]
     if _small(gx):
-        if product is None:
-            return _gate_product(gates, h, out).mul_(gx).sub_(shift)
-        return torch.mul(product, gx, out=out).sub_(shift)
+        # One fused pass: 14x14 0.43 -> 0.23 ms and 7x7 0.17 -> 0.11 ms against a multiply and a subtraction.
+        return torch.addcmul(-shift, _gate_product(gates, h, out) if product is None else product, gx, out=out)
     return torch.addcmul(-shift, torch.mul(gx, gates[:, :, :h].unsqueeze(3), out=out), gates[:, :, h:].unsqueeze(2),
                          out=out)
 
@@ -459,12 +458,13 @@ class _EMAFunction(torch.autograd.Function):
             du = torch.mm(e.view(n * c, pixels), _row_col_matrix(h, w, e.dtype, e.device)).view(n, c, h + w)
             du.mul_(1 - gates)
         else:  # e is needed only for those sums, so it is made a chunk at a time.
-            dgh, dgw = gx.new_empty(n, c, h, 1), gx.new_empty(n, c, 1, w)
+            dgh, dgw = gx.new_empty(n, c, 1, h), gx.new_empty(n, c, 1, w)
             chunks = _chunks(n, c * pixels * gx.element_size())
             e = gx.new_empty((chunks[0][1],) + gx.shape[1:])
             for i, j in chunks:  # (matmul's out= must be contiguous: a strided one falls back to a slow loop)
                 ec = torch.mul(da[i:j], gx[i:j], out=e[:j - i])
-                torch.matmul(ec, gw[i:j].transpose(2, 3), out=dgh[i:j])
+                # Both as a row vector times a matrix: for the row sums, gw^T e^T is 1.8-1.9x faster than e gw.
+                torch.matmul(gw[i:j], ec.transpose(2, 3), out=dgh[i:j])
                 torch.matmul(gh[i:j].transpose(2, 3), ec, out=dgw[i:j])
             du = torch.cat([dgh.view(n, c, h), dgw.view(n, c, w)], 2).mul_(gates * (1 - gates))
         dw1 = torch.matmul(du, pooled.transpose(1, 2)).sum(0).view(w1.shape)
