@@ -33,7 +33,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from .layers import EMA
+from .layers import EMA, native
 from .reference import ReferenceEMA, with_reference_layers
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     batch = args.batch or (2 if args.quick else 8)
     print(f'# CPU, {args.threads} threads, fp32 eager, batch {batch}, median of {repeats} interleaved repeats'
           + (' (QUICK: reduced shapes, numbers not meaningful)' if args.quick else ''))
+    print('# EMA forward: ' + ('compiled kernel (ema_hub/layers/ema_forward.c)' if native.available()
+                               else 'PyTorch ops (the compiled kernel is off or did not build)'))
     print('## layer: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
     print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} {"speedup":>8s}')
     for r in bench_layer(batch, repeats, args.quick, 'cpu', warmup):

@@ -16,10 +16,12 @@ This computes exactly the paper's function with far less work than its reference
 
 So the layer is a few memory-bound passes over x. Two forms of the same algebra:
 
-* Eager (``_EMAFunction``): the forward writes a and then the output into one buffer; a hand-written
-  backward keeps only x and per-channel / per-pixel vectors (no full-size activation besides the input,
-  where autograd would hold several) and computes every gradient in one full-size buffer, which becomes
-  the input gradient, plus chunk-sized temporaries (and, for maps of at most 256 pixels, the gate product).
+* Eager (``_EMAFunction``): on the CPU in fp32 the forward is a compiled kernel that makes one pass per
+  group (``native``, ema_forward.c); elsewhere (and without a C compiler) PyTorch ops write a and then the
+  output into one buffer. A hand-written backward keeps only x and per-channel / per-pixel vectors (no
+  full-size activation besides the input, where autograd would hold several) and computes every gradient
+  in one full-size buffer, which becomes the input gradient, plus chunk-sized temporaries (and, for maps of
+  at most 256 pixels, the gate product).
 * Traceable (``ema_traceable``): plain differentiable ops, for TorchScript, FX, torch.compile/export,
   autocast and double backward.
 
@@ -36,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
+
+from . import native
 
 __all__ = ['EMA', 'ema_groups']
 
@@ -104,7 +108,7 @@ class EMA(nn.Module):
         params = self._params()
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _EMAFunction.apply(x, self.groups, self.gn.eps, self.tap_edges, *params)
-        return _forward_fast(x, self.groups, params, self.tap_edges, self.gn.eps)[0]
+        return _forward_fast(x, self.groups, params, self.tap_edges, self.gn.eps, for_backward=False)[0]
 
 
 def _runs_eagerly(x) -> bool:
@@ -233,16 +237,23 @@ def ema_traceable(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
 
 # ---- the eager fast path: forward into one buffer, hand-written backward ----------------------------------
 
-def _forward_fast(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_edges: torch.Tensor, eps: float):
-    """Forward without autograd. The output buffer first holds a, then the output: one full-size allocation.
+def _forward_fast(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_edges: torch.Tensor, eps: float,
+                  for_backward: bool = True):
+    """Forward without autograd: the output and the small tensors the backward needs (None for those without
+    ``for_backward``, where the compiled kernel skips them).
 
-    Returns the output and the small tensors the backward needs.
+    On the CPU in fp32 the compiled kernel runs it (``native``); otherwise PyTorch ops, where the output
+    buffer first holds a, then the output: one full-size allocation.
     """
     gx = _grouped(x, groups).contiguous()
     n, c, h, w = gx.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if native.supports(gx, params):
+        gate, pooled, edges, s, q = native.forward(gx, params, eps, out)
+        coef = _coefficients(edges, s, q, params, tap_edges, eps, h * w) if for_backward else None
+        return out, gate, pooled, edges, coef
     pooled, edges = _pool(gx)
     gates = _gates(pooled, params[0], params[1])
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     a = _gated(gx, gates, _shift(pooled, gates, h), out.view(n, c, h, w))  # a - shift
     s, q = a.sum((2, 3)), torch.linalg.vector_norm(a, dim=(2, 3)).square()
     coef = _coefficients(edges, s, q, params, tap_edges, eps, h * w)

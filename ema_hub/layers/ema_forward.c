@@ -1,0 +1,312 @@
+/* EMA's forward on the CPU in one pass per group (fp32): ema_hub/layers/native.py compiles and calls it.
+
+   The algebra is that of ema_hub/layers/ema.py (_forward_fast): pooling and edge sums, the gates, a - shift and
+   its sums, the softmax s2, then cross = k . a + bias + a one-output 3x3 correlation of x, and out = x *
+   sigmoid(cross). PyTorch runs each step as a pass over the whole batch (about a dozen full-size passes
+   through memory); here a thread takes one group at a time (c channels, c * H * W floats: 100 KB at every
+   ResNet-50 stage), reads it from memory once, keeps it in its cache for every step and writes the output
+   once. Threads are OpenMP's: linked against the libgomp that PyTorch has loaded, they are PyTorch's own. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* 16 floats: one AVX-512 register (the compiler splits it where the CPU has narrower ones). */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+typedef struct {
+    const float *x;                  /* (n, c, H, W): groups folded into the batch */
+    float *out;                      /* (n, c, H, W) */
+    float *gate;                     /* (n, H, W): sigmoid(cross), for the backward */
+    float *pooled;                   /* (n, c, H + W): row means, then column means */
+    float *edges;                    /* (n, c, 9): the edge sums of _edge_sums */
+    float *sums;                     /* (2, n, c): sum and sum of squares of a - shift */
+    const float *w1, *b1;            /* conv1x1 (c, c), (c) */
+    const float *gamma, *beta;       /* gn (c) */
+    const float *w3, *b3;            /* conv3x3 (c, c, 3, 3), (c) */
+    float eps;
+    long n, c, h, w;
+    int threads;
+} Args;
+
+/* What every group shares, from the parameters alone: made once per call. */
+typedef struct {
+    long cv;                         /* c in blocks of 16 */
+    float *w1t;                      /* (c, cv * 16): w1 transposed, zero padded */
+    float *b1p;                      /* (cv * 16) */
+    float *taps_et;                  /* (c * 9, cv * 16): taps_e (_coefficients) transposed, zero padded */
+    float *taps_mix;                 /* (9, c): the conv3x3 taps weighted by s1 = softmax(beta) */
+    float const3;                    /* s1 . b3 */
+} Shared;
+
+/* exp with Cephes' expf polynomial, written so that the compiler vectorises it (glibc's expf is a call). */
+static inline float exp_vec(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* x log2(e) rounded to the nearest integer: adding 1.5 * 2^23 rounds it (floorf does not vectorise) */
+    const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    const float z = x * x;
+    float y = 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)fx + 127) << 23;
+    return y * scale.f;
+}
+
+static inline float sigmoid(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
+
+/* taps_e for one (output, input) channel pair: its 3x3 taps t mapped onto the nine edge sums, as _tap_edges
+   does in ema.py. With zero padding, tap (i, j) sees the whole map minus the last row (i = 0) or the first
+   (i = 2), minus the last column (j = 0) or the first (j = 2), plus the corner both removed. */
+static void tap_edges(const float *t, float *e) {
+    float total = 0.f;
+    for (int i = 0; i < 9; i++) total += t[i];
+    e[0] = total;
+    e[1] = -(t[6] + t[7] + t[8]);  /* first row */
+    e[2] = -(t[0] + t[1] + t[2]);  /* last row */
+    e[3] = -(t[2] + t[5] + t[8]);  /* first column */
+    e[4] = -(t[0] + t[3] + t[6]);  /* last column */
+    e[5] = t[8]; e[6] = t[6]; e[7] = t[2]; e[8] = t[0];  /* corners x00, x0l, xl0, xll */
+}
+
+static int shared_init(const Args *A, Shared *S) {
+    const long c = A->c, cp = (c + 15) / 16 * 16;
+    S->cv = cp / 16;
+    float *mem = calloc((size_t)(c * cp + cp + c * 9 * cp + 9 * c + c), sizeof(float));
+    if (!mem) return 1;
+    S->w1t = mem;
+    S->b1p = S->w1t + c * cp;
+    S->taps_et = S->b1p + cp;
+    S->taps_mix = S->taps_et + c * 9 * cp;
+    float *s1 = S->taps_mix + 9 * c;
+    for (long o = 0; o < c; o++) {
+        S->b1p[o] = A->b1[o];
+        for (long k = 0; k < c; k++) S->w1t[k * cp + o] = A->w1[o * c + k];
+        for (long k = 0; k < c; k++) {
+            float e[9];
+            tap_edges(A->w3 + (o * c + k) * 9, e);
+            for (int j = 0; j < 9; j++) S->taps_et[(k * 9 + j) * cp + o] = e[j];
+        }
+    }
+    float mx = -INFINITY, den = 0.f;
+    for (long o = 0; o < c; o++) mx = A->beta[o] > mx ? A->beta[o] : mx;
+    for (long o = 0; o < c; o++) den += s1[o] = expf(A->beta[o] - mx);
+    S->const3 = 0.f;
+    for (long o = 0; o < c; o++) {
+        s1[o] /= den;
+        S->const3 += s1[o] * A->b3[o];
+    }
+    for (int t = 0; t < 9; t++)
+        for (long k = 0; k < c; k++) {
+            float v = 0.f;
+            for (long o = 0; o < c; o++) v += s1[o] * A->w3[(o * c + k) * 9 + t];
+            S->taps_mix[t * c + k] = v;
+        }
+    return 0;
+}
+
+/* Per-thread scratch, in floats. x and a - shift are kept with zero-padded rows of pitch W + 2, so that every
+   3x3 tap is an in-bounds read and taps that cross a row's end land in the padding. */
+static long scratch_floats(long c, long h, long w) {
+    const long wp = w + 2;
+    return c * ((h + 2) * wp + 2) + c * h * wp + c * (h + w) + h * wp + 2 * c + 2 * w;
+}
+
+static void group_forward(const Args *A, const Shared *S, long g, float *scratch) {
+    const long c = A->c, H = A->h, W = A->w, P = H * W, L = H + W, Wp = W + 2, XS = (H + 2) * Wp + 2;
+    const long cv = S->cv;
+    const float *x = A->x + g * c * P;
+    float *out = A->out + g * c * P;
+    float *pooled = A->pooled + g * c * L;
+    float *edges = A->edges + g * c * 9;
+    float *gate = A->gate + g * P;
+    float *xpad = scratch;             /* channel ch's pixel (i, j) at [ch XS + 1 + (i + 1) Wp + j + 1] */
+    float *apad = xpad + c * XS;       /* pixel (i, j) at [ch H Wp + i Wp + j + 1] */
+    float *gates = apad + c * H * Wp;  /* (c, L): the h-gate then the w-gate */
+    float *acc = gates + c * L;        /* (H, Wp): cross, laid out as apad */
+    float *k = acc + H * Wp;           /* (c) */
+    float *s2 = k + c;                 /* (c) */
+    float *sv = s2 + c, *qv = sv + W;  /* (W) each */
+
+    /* 1. Row and column sums, edge sums, pooled means; x copied into its padded rows. */
+    for (long ch = 0; ch < c; ch++) {
+        const float *xc = x + ch * P;
+        float *xp = xpad + ch * XS + 1 + Wp + 1;
+        float *rows = pooled + ch * L, *cols = rows + H;
+        for (long j = 0; j < W; j++) cols[j] = 0.f;
+        for (long i = 0; i < H; i++) {
+            const float *xr = xc + i * W;
+            float *xpr = xp + i * Wp;
+#pragma omp simd
+            for (long j = 0; j < W; j++) {
+                cols[j] += xr[j];
+                xpr[j] = xr[j];
+            }
+        }
+        /* Four rows at a time: one short row summed alone is a chain of dependent adds. */
+        long i = 0;
+        for (; i + 4 <= H; i += 4) {
+            const float *xr = xc + i * W;
+            float r0 = 0.f, r1 = 0.f, r2 = 0.f, r3 = 0.f;
+            for (long j = 0; j < W; j++) {
+                r0 += xr[j]; r1 += xr[W + j]; r2 += xr[2 * W + j]; r3 += xr[3 * W + j];
+            }
+            rows[i] = r0; rows[i + 1] = r1; rows[i + 2] = r2; rows[i + 3] = r3;
+        }
+        for (; i < H; i++) {
+            float r = 0.f;
+            for (long j = 0; j < W; j++) r += xc[i * W + j];
+            rows[i] = r;
+        }
+        float total = 0.f;
+        for (long i = 0; i < H; i++) total += rows[i];
+        float *e = edges + ch * 9;
+        e[0] = total; e[1] = rows[0]; e[2] = rows[H - 1]; e[3] = cols[0]; e[4] = cols[W - 1];
+        e[5] = xc[0]; e[6] = xc[W - 1]; e[7] = xc[(H - 1) * W]; e[8] = xc[P - 1];
+        for (long i = 0; i < H; i++) rows[i] /= (float)W;
+        for (long j = 0; j < W; j++) cols[j] /= (float)H;
+    }
+
+    /* 2. gates = sigmoid(w1 @ pooled + b1): 16 output channels by 4 positions at a time, in registers. */
+    for (long ov = 0; ov < cv; ov++) {
+        const v16 b = *(const v16 *)(S->b1p + ov * 16);
+        const long no = c - ov * 16 < 16 ? c - ov * 16 : 16;
+        for (long t0 = 0; t0 < L; t0 += 4) {
+            const long nt = L - t0 < 4 ? L - t0 : 4;
+            v16 s[4] = {b, b, b, b};
+            for (long kk = 0; kk < c; kk++) {
+                const v16 wk = *(const v16 *)(S->w1t + (kk * cv + ov) * 16);
+                const float *pk = pooled + kk * L + t0;
+                for (long r = 0; r < nt; r++) s[r] += pk[r] * wk;
+            }
+            float tmp[4][16];
+            memcpy(tmp, s, sizeof tmp);
+            for (long r = 0; r < nt; r++)
+                for (long l = 0; l < no; l++) gates[(ov * 16 + l) * L + t0 + r] = tmp[r][l];
+        }
+    }
+#pragma omp simd
+    for (long t = 0; t < c * L; t++) gates[t] = sigmoid(gates[t]);
+
+    /* 3. a - shift (the shift of _shift), its sum and its sum of squares, per column first: a short row's sum
+       alone would be a chain of dependent adds. */
+    float *sums = A->sums + g * c, *squares = A->sums + A->n * c + g * c;
+    for (long ch = 0; ch < c; ch++) {
+        const float *gh = gates + ch * L, *gw = gh + H, *rows = pooled + ch * L;
+        float sh = 0.f, sw = 0.f;
+        for (long i = 0; i < H; i++) sh += gh[i] * rows[i];
+        for (long j = 0; j < W; j++) sw += gw[j];
+        const float shift = (sh / H) * (sw / W);
+        const float *xc = x + ch * P;
+        float *ac = apad + ch * H * Wp + 1;
+        for (long j = 0; j < W; j++) sv[j] = qv[j] = 0.f;
+        for (long i = 0; i < H; i++) {
+            const float ghi = gh[i];
+            const float *xr = xc + i * W;
+            float *ar = ac + i * Wp;
+#pragma omp simd
+            for (long j = 0; j < W; j++) {
+                const float v = xr[j] * ghi * gw[j] - shift;
+                ar[j] = v;
+                sv[j] += v;
+                qv[j] += v * v;
+            }
+        }
+        float s = 0.f, q = 0.f;
+        for (long j = 0; j < W; j++) {
+            s += sv[j];
+            q += qv[j];
+        }
+        sums[ch] = s;
+        squares[ch] = q;
+    }
+
+    /* 4. s2 = softmax(edges . taps_e / P + b3), then k and the constant (as _coefficients). */
+    float mx = -INFINITY;
+    for (long ov = 0; ov < cv; ov++) {
+        v16 l[4] = {{0}, {0}, {0}, {0}};
+        const float *te = S->taps_et + ov * 16;
+        long t = 0;
+        for (; t + 4 <= c * 9; t += 4)
+            for (long r = 0; r < 4; r++) l[r] += edges[t + r] * *(const v16 *)(te + (t + r) * cv * 16);
+        for (; t < c * 9; t++) l[0] += edges[t] * *(const v16 *)(te + t * cv * 16);
+        const v16 lsum = (l[0] + l[1]) + (l[2] + l[3]);
+        float tmp[16];
+        memcpy(tmp, &lsum, sizeof tmp);
+        const long no = c - ov * 16 < 16 ? c - ov * 16 : 16;
+        for (long j = 0; j < no; j++) {
+            const long o = ov * 16 + j;
+            s2[o] = tmp[j] / (float)P + A->b3[o];
+            mx = s2[o] > mx ? s2[o] : mx;
+        }
+    }
+    float den = 0.f;
+    for (long o = 0; o < c; o++) den += s2[o] = expf(s2[o] - mx);
+    float bias = S->const3;
+    for (long o = 0; o < c; o++) {
+        s2[o] /= den;
+        const float mu = sums[o] / P;
+        float var = squares[o] / P - mu * mu;
+        var = var > 0.f ? var : 0.f;
+        const float rstd = 1.0f / sqrtf(var + A->eps);
+        k[o] = s2[o] * A->gamma[o] * rstd;
+        bias += s2[o] * (A->beta[o] - A->gamma[o] * mu * rstd);
+    }
+
+    /* 5. cross = bias + k . a + the 3x3 correlation of x with taps_mix, over the padded rows (the padding
+       columns get values that are never read). */
+    const long Q = H * Wp;
+    for (long p = 0; p < Q; p++) acc[p] = bias;
+    const float *tm = S->taps_mix;
+    for (long ch = 0; ch < c; ch++) {
+        const float *xp = xpad + ch * XS + 1 + Wp;  /* so that xp[p] is pixel p of acc's layout */
+        const float *ac = apad + ch * H * Wp;
+        const float kc = k[ch];
+        const float t00 = tm[0 * c + ch], t01 = tm[1 * c + ch], t02 = tm[2 * c + ch];
+        const float t10 = tm[3 * c + ch], t11 = tm[4 * c + ch], t12 = tm[5 * c + ch];
+        const float t20 = tm[6 * c + ch], t21 = tm[7 * c + ch], t22 = tm[8 * c + ch];
+#pragma omp simd
+        for (long p = 0; p < Q; p++)
+            acc[p] += kc * ac[p]
+                + t00 * xp[p - Wp - 1] + t01 * xp[p - Wp] + t02 * xp[p - Wp + 1]
+                + t10 * xp[p - 1] + t11 * xp[p] + t12 * xp[p + 1]
+                + t20 * xp[p + Wp - 1] + t21 * xp[p + Wp] + t22 * xp[p + Wp + 1];
+    }
+
+    /* 6. gate = sigmoid(cross); out = x * gate. */
+    for (long i = 0; i < H; i++) {
+#pragma omp simd
+        for (long j = 0; j < W; j++) gate[i * W + j] = sigmoid(acc[i * Wp + j + 1]);
+    }
+    for (long ch = 0; ch < c; ch++) {
+        const float *xc = x + ch * P;
+        float *oc = out + ch * P;
+#pragma omp simd
+        for (long p = 0; p < P; p++) oc[p] = xc[p] * gate[p];
+    }
+}
+
+/* Returns 0, or 1 when memory ran out (the outputs are then incomplete). */
+int ema_forward(const Args *A) {
+    Shared S;
+    if (shared_init(A, &S)) return 1;
+    const long floats = scratch_floats(A->c, A->h, A->w);
+    int failed = 0;
+#pragma omp parallel num_threads(A->threads) reduction(| : failed)
+    {
+        /* calloc: the padding must be zero; only the map's interior is written afterwards */
+        float *scratch = calloc((size_t)floats, sizeof(float));
+        failed = scratch == NULL;
+#pragma omp for schedule(static)
+        for (long g = 0; g < A->n; g++)
+            if (scratch) group_forward(A, &S, g, scratch);
+        free(scratch);
+    }
+    free(S.w1t);
+    return failed;
+}
