@@ -239,8 +239,8 @@ def ema_traceable(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
 
 def _forward_fast(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_edges: torch.Tensor, eps: float,
                   for_backward: bool = True):
-    """Forward without autograd: the output and the small tensors the backward needs (None for those without
-    ``for_backward``, where the compiled kernel skips them).
+    """Forward without autograd: the output and the small tensors the backward needs (the last, the
+    coefficients, is None without ``for_backward``: the compiled kernel makes its own).
 
     On the CPU in fp32 the compiled kernel runs it (``native``); otherwise PyTorch ops, where the output
     buffer first holds a, then the output: one full-size allocation.
