@@ -102,7 +102,7 @@ def _built() -> Optional[Path]:
     version = subprocess.run([*compiler, '--version'], capture_output=True, text=True).stdout
     cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'ema_hub' / 'native'
     source = _SOURCE.read_bytes()
-    errors = []
+    error = ''
     for flags in _FLAG_SETS:
         key = hashlib.sha256(repr((source, compiler, flags, version, platform.machine(), _cpu())).encode())
         target = cache / f'ema_forward-{key.hexdigest()[:16]}.so'
@@ -116,8 +116,8 @@ def _built() -> Optional[Path]:
             if run.returncode == 0:
                 os.replace(built, target)
                 return target
-            errors.append(run.stderr.strip().splitlines()[-1:] or [f'exit {run.returncode}'])
-    warnings.warn(f'EMA: could not build the native kernel with {compiler[0]} ({errors[-1][0]}); using PyTorch '
+            error = (run.stderr.strip().splitlines() or [f'exit {run.returncode}'])[-1]
+    warnings.warn(f'EMA: could not build the native kernel with {compiler[0]} ({error}); using PyTorch '
                   'ops (slower). Set EMA_HUB_NATIVE=0 to skip the attempt.', RuntimeWarning, stacklevel=3)
     return None
 
