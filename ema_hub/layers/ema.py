@@ -17,13 +17,14 @@ This computes exactly the paper's function with far less work than its reference
 So the layer is a few memory-bound passes over x. Two forms of the same algebra:
 
 * Eager (``_EMAFunction``): on the CPU in fp32 the forward is a compiled kernel that makes one pass per
-  group (``native``, ema_forward.c); elsewhere (and without a C compiler) PyTorch ops write a and then the
-  output into one buffer. A hand-written backward keeps only x and per-channel / per-pixel vectors (no
-  full-size activation besides the input, where autograd would hold several) and computes every gradient
-  in one full-size buffer, which becomes the input gradient, plus chunk-sized temporaries (and, for maps of
-  at most 256 pixels, the gate product).
+  group (``native``, ema_forward.c); on CUDA two Triton kernels (``ema_triton``); elsewhere (and without a
+  C compiler or Triton) PyTorch ops write a and then the output into one buffer. A hand-written backward
+  keeps only x and per-channel / per-pixel vectors (no full-size activation besides the input, where
+  autograd would hold several) and computes every gradient in one full-size buffer, which becomes the input
+  gradient, plus chunk-sized temporaries (and, for maps of at most 256 pixels, the gate product).
 * Traceable (``ema_traceable``): plain differentiable ops, for TorchScript, FX, torch.compile/export,
-  autocast and double backward.
+  autocast and double backward. On CUDA, inference under autocast or torch.compile takes the Triton kernels
+  instead (``_gpu_inference``): compiled, the traceable form costs resnet50_ema 4.5x resnet50 on an H200.
 
 Cost model (CPU): the layer is memory bound, a fresh full-size buffer costs page faults on first touch,
 and some kernels are slow at these shapes (a one-output-channel conv2d through oneDNN, var_mean over H, W,
@@ -32,6 +33,7 @@ choice below names its measurement. The straightforward form lives in ema_hub/re
 benchmark baseline); ``python -m ema_hub.benchmark`` times them side by side.
 """
 import functools
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -40,6 +42,15 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from . import native
+
+# The GPU kernels need Triton (which PyTorch's CUDA builds bring); imported only where a GPU is present, and
+# not with EMA_HUB_NATIVE=0 (read once, here).
+ema_triton = None
+if torch.cuda.is_available() and os.environ.get('EMA_HUB_NATIVE', '1') != '0':
+    try:
+        from . import ema_triton
+    except ImportError:
+        pass
 
 __all__ = ['EMA', 'ema_groups']
 
@@ -95,8 +106,7 @@ class EMA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if _runs_eagerly(x):
-                return self._forward_eager(x)
+            return self._forward_python(x)
         return ema_traceable(x, self.groups, self._params(), self.tap_edges, self.gn.eps)
 
     def _params(self) -> List[torch.Tensor]:
@@ -104,11 +114,21 @@ class EMA(nn.Module):
                 self.conv3x3.weight, _bias(self.conv3x3.bias)]
 
     @torch.jit.unused
-    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_python(self, x: torch.Tensor) -> torch.Tensor:
+        """Every form but TorchScript's: eager (hand-written backward), the GPU kernels for compiled or autocast
+        inference on CUDA, else the traceable form."""
         params = self._params()
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return _EMAFunction.apply(x, self.groups, self.gn.eps, self.tap_edges, *params)
-        return _forward_fast(x, self.groups, params, self.tap_edges, self.gn.eps, for_backward=False)[0]
+        if _runs_eagerly(x):
+            if _needs_grad(x, params):
+                return _EMAFunction.apply(x, self.groups, self.gn.eps, self.tap_edges, *params)
+            return _forward_fast(x, self.groups, params, self.tap_edges, self.gn.eps, for_backward=False)[0]
+        if _gpu_inference(x, params):
+            return _forward_gpu(x, self.groups, params, self.tap_edges, self.gn.eps, False)[0]
+        return ema_traceable(x, self.groups, params, self.tap_edges, self.gn.eps)
+
+
+def _needs_grad(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 def _runs_eagerly(x) -> bool:
@@ -121,6 +141,19 @@ def _runs_eagerly(x) -> bool:
     if torch._C._are_functorch_transforms_active():  # what torch.autograd.Function itself consults
         return False
     return not torch.is_autocast_enabled(x.device.type)
+
+
+def _gpu_inference(x, params: List[torch.Tensor]) -> bool:
+    """Whether the Triton kernels take a forward that ``_runs_eagerly`` leaves to the traceable form: no
+    gradient wanted (the traceable form differentiates under autocast and torch.compile), no TorchScript trace
+    or export (they record PyTorch ops), no torch.func transform."""
+    if not isinstance(x, torch.Tensor) or not _gpu_kernels(x) or torch.jit.is_tracing():
+        return False
+    # (Only outside torch.compile: inside, PyTorch 2.11's is_exporting() reads True while compiling.)
+    if not torch.compiler.is_compiling() and (torch.compiler.is_exporting()
+                                              or torch._C._are_functorch_transforms_active()):
+        return False
+    return not _needs_grad(x, params)
 
 
 def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -165,18 +198,32 @@ def _coefficients(edges: torch.Tensor, s: torch.Tensor, q: torch.Tensor, params:
 
     Returns (k, bias, taps_mix) and what the hand-written backward needs (mu, var, rstd, taps_e, s2, s1).
     """
-    gamma, beta, w3, b3 = params[2], params[3], params[4], params[5]
-    n, c = edges.shape[0], edges.shape[1]
+    gamma, beta = params[2], params[3]
     mu = s / pixels
     var = q / pixels - mu * mu
     rstd = torch.rsqrt(var.clamp_min(0.) + eps)
-    taps_e = torch.matmul(w3.reshape(c, c, 9), tap_edges)  # (out, in, edge)
-    s2 = torch.softmax(torch.matmul(edges.reshape(n, c * 9), taps_e.reshape(c, c * 9).t()) / pixels + b3, dim=1)
+    taps_e, s1, taps_mix, const = _tap_weights(params, tap_edges)
+    s2 = _softmax2(edges, taps_e, params[5], pixels)
     k = s2 * gamma * rstd
-    s1 = torch.softmax(beta, dim=0)
-    bias = (s2 * (beta - gamma * mu * rstd)).sum(1) + (s1 * b3).sum()
-    taps_mix = torch.matmul(s1, w3.reshape(c, c * 9)).reshape(c, 9).t()  # (tap, in)
+    bias = (s2 * (beta - gamma * mu * rstd)).sum(1) + const
     return k, bias, taps_mix, mu, var, rstd, taps_e, s2, s1
+
+
+def _tap_weights(params: List[torch.Tensor], tap_edges: torch.Tensor):
+    """What the 3x3 branch needs from the parameters alone: taps_e (out, in, edge), the 3x3 weights against
+    the edge sums; s1 = softmax(gn.bias); taps_mix (tap, in), the weights of s1 . conv3x3; const = s1 . b3."""
+    beta, w3, b3 = params[3], params[4], params[5]
+    c = w3.shape[0]
+    taps_e = torch.matmul(w3.reshape(c, c, 9), tap_edges)
+    s1 = torch.softmax(beta, dim=0)
+    taps_mix = torch.matmul(s1, w3.reshape(c, c * 9)).reshape(c, 9).t()
+    return taps_e, s1, taps_mix, (s1 * b3).sum()
+
+
+def _softmax2(edges: torch.Tensor, taps_e: torch.Tensor, b3: torch.Tensor, pixels: int) -> torch.Tensor:
+    """s2 (n, c): the softmax of mean_HW(conv3x3(x)), from the edge sums (n, c, 9)."""
+    n, c = edges.shape[0], edges.shape[1]
+    return torch.softmax(torch.matmul(edges.reshape(n, c * 9), taps_e.reshape(c, c * 9).t()) / pixels + b3, dim=1)
 
 
 def _cross(gx: torch.Tensor, a: torch.Tensor, k: torch.Tensor, bias: torch.Tensor,
@@ -242,9 +289,17 @@ def _forward_fast(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
     """Forward without autograd: the output and the small tensors the backward needs (the last, the
     coefficients, is None without ``for_backward``: the compiled kernel makes its own).
 
-    On the CPU in fp32 the compiled kernel runs it (``native``); otherwise PyTorch ops, where the output
-    buffer first holds a, then the output: one full-size allocation.
+    On the CPU in fp32 the compiled kernel runs it (``native``), on CUDA the Triton kernels
+    (``_forward_gpu``); otherwise PyTorch ops, where the output buffer first holds a, then the output: one
+    full-size allocation.
     """
+    if _gpu_kernels(x):
+        out, gate, pooled, edges, s, q = _forward_gpu(x, groups, params, tap_edges, eps, for_backward)
+        if not for_backward:
+            return out, gate, pooled, edges, None
+        # The backward runs in x's dtype, as it does after the PyTorch ops.
+        gate, pooled, edges, s, q = (t.to(x.dtype) for t in (gate, pooled, edges, s, q))
+        return out, gate, pooled, edges, _coefficients(edges, s, q, params, tap_edges, eps, x.shape[2] * x.shape[3])
     gx = _grouped(x, groups).contiguous()
     n, c, h, w = gx.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -263,6 +318,33 @@ def _forward_fast(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
     gate = torch.sigmoid_(cross)
     torch.mul(gx, gate.unsqueeze(1), out=a)
     return out, gate, pooled, edges, coef
+
+
+def _gpu_kernels(x: torch.Tensor) -> bool:
+    """Whether ``_forward_gpu`` runs: a CUDA tensor, the Triton kernels imported."""
+    return x.is_cuda and ema_triton is not None
+
+
+def _forward_gpu(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_edges: torch.Tensor, eps: float,
+                 for_backward: bool):
+    """``_forward_fast`` as two Triton kernels (``ema_triton``) around the small per-group algebra, in fp32
+    whatever x's dtype (autocast included). x keeps its strides: channels_last input is read in place.
+
+    Returns the output, the gate (n, H, W; None without ``for_backward``), the pooled means, the edge sums and
+    the sums of a - shift and of its square (n, c each).
+    """
+    b, _, h, w = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        w1, b1, gamma, beta, w3, b3 = (p.detach().float() for p in params)
+        pooled, edges = ema_triton.pool(x, groups)
+        gates = _gates(pooled, w1, b1)
+        taps_e, _, taps_mix, const = _tap_weights([w1, b1, gamma, beta, w3, b3], tap_edges.float())
+        s2 = _softmax2(edges, taps_e, b3, h * w)
+        out = torch.empty_like(x)
+        gate = x.new_empty((b * groups, h, w), dtype=torch.float32) if for_backward else None
+        sums = ema_triton.apply(x, groups, gates, _shift(pooled, gates, h), s2, gamma, beta, taps_mix.contiguous(),
+                                const.reshape(1), eps, out, gate)
+    return out, gate, pooled, edges, sums[0], sums[1]
 
 
 # The largest temporaries (the (n, 9, P) tap maps, 9/c times x's size, and e = da * x) are made a chunk of
