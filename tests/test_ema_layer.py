@@ -41,16 +41,25 @@ def _assert_same_function(fast, ref, x, rtol):
 
 @pytest.fixture(params=['native', 'torch_ops'])
 def eager_path(request, monkeypatch):
-    """The two forms of the eager fp32 CPU forward: the compiled kernel (``native``) and PyTorch ops."""
+    """The two forms of the eager fp32 CPU forward and backward: the compiled kernels (``native``) and PyTorch
+    ops. Yields the native calls made: {'forward': n, 'backward': n}."""
+    calls = {'forward': 0, 'backward': 0}
     if request.param == 'native':
         assert native.available(), 'the native kernel did not build: is a C compiler with OpenMP installed?'
-        calls = []
-        monkeypatch.setattr(native, 'forward', lambda *a, _f=native.forward: calls.append(1) or _f(*a))
-        yield request.param
-        assert calls, 'the native kernel was not called'
+        for name in calls:
+            def counted(*a, _f=getattr(native, name), _name=name):
+                calls[_name] += 1
+                return _f(*a)
+            monkeypatch.setattr(native, name, counted)
+        torch_ops = []  # backwards through PyTorch ops: fp64 (the oracle's) and fp32 on maps of <= 256 pixels
+        monkeypatch.setattr(ema_layer, '_backward_full_size', lambda gx, *a, _f=ema_layer._backward_full_size:
+                            torch_ops.append((gx.dtype, ema_layer._small(gx))) or _f(gx, *a))
+        yield calls
+        assert calls['forward'], 'the native kernel was not called'
+        assert (torch.float32, False) not in torch_ops, 'a large-map fp32 backward ran as PyTorch ops'
     else:
         monkeypatch.setattr(native, 'supports', lambda *a: False)
-        yield request.param
+        yield calls
 
 
 SHAPES = [
@@ -80,12 +89,15 @@ def test_matches_reference_fp64(b, c, h, w, factor, train):
 def test_matches_reference_fp32_resnet50_stages(c, s, eager_path):
     fast, ref = _pair(c, dtype=torch.float32)
     _assert_same_function(fast, ref, torch.randn(2, c, s, s), rtol=1e-4)
+    # natively: both once (the backward on maps above 256 pixels); with PyTorch ops: neither
+    assert eager_path['backward'] == (eager_path['forward'] if s * s > 256 else 0)
 
 
 @pytest.mark.parametrize('b,c,h,w,factor', SHAPES)
 def test_matches_reference_fp32_odd_shapes(b, c, h, w, factor, eager_path):
     fast, ref = _pair(c, factor, dtype=torch.float32)
     _assert_same_function(fast, ref, torch.randn(b, c, h, w), rtol=1e-4)
+    assert eager_path['backward'] == (eager_path['forward'] if h * w > 256 else 0)
 
 
 def test_channels_last_input():

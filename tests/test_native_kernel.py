@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ema_hub import EMA
-from ema_hub.layers import native
+from ema_hub.layers import ema, native
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def fresh_build(monkeypatch, tmp_path):
 
 def test_builds_into_the_cache_and_loads_from_it(fresh_build):
     assert native.available()
-    built = list(fresh_build.glob('ema_forward-*.so'))
+    built = list(fresh_build.glob('ema_kernels-*.so'))
     assert len(built) == 1 and not [p for p in fresh_build.iterdir() if p.is_dir()]  # no build folder left over
     mtime = built[0].stat().st_mtime_ns
     native._library.cache_clear()
@@ -61,7 +61,8 @@ def test_other_dtypes_and_devices_take_pytorch_ops():
 
 
 def test_threads_follow_torch(tmp_path):
-    """The kernel runs on torch.get_num_threads() threads; one thread gives the same result as several."""
+    """The kernels run on torch.get_num_threads() threads; one thread gives the same results as several (the
+    parameters' gradients are summed over groups in PyTorch, not across threads)."""
     script = textwrap.dedent('''
         import torch
         from ema_hub import EMA
@@ -70,14 +71,46 @@ def test_threads_follow_torch(tmp_path):
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_(0, 0.5)
-        x = torch.randn(3, 256, 11, 13)
+        x = torch.randn(3, 256, 17, 19)  # above 256 pixels: the backward is compiled too
+        dy = torch.randn_like(x)
         outs = []
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            with torch.inference_mode():
-                outs.append(m(x))
-        print(all(torch.equal(outs[0], o) for o in outs))
+            xr = x.clone().requires_grad_()
+            y = m(xr)
+            outs.append([y.detach()] + list(torch.autograd.grad(y, [xr, *m.parameters()], dy)))
+        print(all(torch.equal(a, b) for o in outs for a, b in zip(outs[0], o)))
     ''')
     run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == 'True'
+
+
+@pytest.mark.parametrize('n,c,h,w', [(4, 8, 56, 56), (6, 16, 17, 19), (3, 64, 7, 7), (2, 6, 7, 5), (2, 4, 1, 1),
+                                     (2, 8, 1, 3), (2, 8, 4, 1), (1, 8, 300, 1)])
+def test_backward_matches_pytorch_ops(n, c, h, w):
+    """The compiled backward against ema._backward_full_size (its PyTorch-ops twin), maps of every size: the
+    layer routes only maps above 256 pixels to it, but it computes the same on small ones."""
+    gen = torch.Generator().manual_seed(n * c + h + w)
+    gx, dy = torch.randn(n, c, h, w, generator=gen) + 0.5, torch.randn(n, c, h, w, generator=gen)
+    layer = EMA(c, 1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5, generator=gen)
+    params = [p.detach() for p in layer._params()]
+    gate = torch.rand(n, h, w, generator=gen)
+    pooled, edges = ema._pool(gx)
+    gates = ema._gates(pooled, params[0], params[1])
+    shift = ema._shift(pooled, gates, h)
+    a = gx * gates[:, :, :h, None] * gates[:, :, None, h:] - shift
+    k, _, taps_mix, mu, var, rstd, taps_e, s2, _ = ema._coefficients(
+        edges, a.sum((2, 3)), a.square().sum((2, 3)), params, layer.tap_edges, layer.gn.eps, h * w)
+    want = ema._backward_full_size(gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, mu, var, rstd, taps_e,
+                                   s2, params)
+    got = list(native.backward(gx, dy, gate, gates, shift.view(n, c), [k, mu, var, rstd, s2], params, taps_e,
+                               taps_mix))
+    got[-1] = got[-1].sum(0)  # taps_mix's gradient, per group
+    for name, a, b in zip(['dx', 'dk', 'dlogit', 'dbias', 'du', 'dtaps_mix'], got, want):
+        # (the absolute floor: on a 1x1 map a - shift, and so dk, is rounding noise around 0 in both)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6,
+                                   msg=lambda m: f'{name}: {m}')

@@ -19,6 +19,7 @@ So the layer is a few memory-bound passes over x. Two forms of the same algebra:
 * Eager (``_EMAFunction``): on the CPU in fp32 the forward is a compiled kernel that makes one pass per
   group (``native``, ema_forward.c); on CUDA two Triton kernels (``ema_triton``); elsewhere (and without a
   C compiler or Triton) PyTorch ops write a and then the output into one buffer. A hand-written backward
+  (on the CPU in fp32 for maps above 256 pixels also compiled, ema_backward.c; else PyTorch ops)
   keeps only x and per-channel / per-pixel vectors (no full-size activation besides the input, where
   autograd would hold several) and computes every gradient in one full-size buffer, which becomes the input
   gradient, plus chunk-sized temporaries (and, for maps of at most 256 pixels, the gate product).
@@ -496,7 +497,7 @@ class _EMAFunction(torch.autograd.Function):
     def backward(ctx, dy):  # the algebra of _forward_fast and _coefficients, differentiated by hand
         x, gate, pooled, edges, tap_edges, k, bias, taps_mix, mu, var, rstd, taps_e, s2, s1, *params = \
             ctx.saved_tensors
-        w1, b1, gamma, beta, w3, b3 = params
+        w1, b1, _, _, w3, b3 = params
         if torch.is_grad_enabled():  # create_graph=True: differentiate the traceable form instead
             needs = ctx.needs_input_grad
             wrt = [t for t, need in zip([x, *params], needs[:1] + needs[4:]) if need]
@@ -507,84 +508,106 @@ class _EMAFunction(torch.autograd.Function):
         n, c, h, w = gx.shape
         pixels = h * w
         gates = _gates(pooled, w1, b1)  # recomputed: cheaper than keeping (n, c, H + W) per layer
-        gh, gw = gates[:, :, :h].unsqueeze(3), gates[:, :, h:].unsqueeze(2)
+        shift = _shift(pooled, gates, h)
+        # The compiled backward for maps above 256 pixels; on smaller ones its rows are too short to vectorise
+        # and the PyTorch ops' gate-product path is as fast or faster (layer train step at 7x7: 9.9 vs 7.9 ms).
+        if native.supports(gx, params) and dy.dtype == torch.float32 and not _small(gx):
+            dx, dk, dlogit, dbias, du, d_taps_mix = native.backward(
+                gx, dy.contiguous(), gate, gates, shift.view(n, c), [k, mu, var, rstd, s2], params, taps_e, taps_mix)
+            d_taps_mix = d_taps_mix.sum(0)
+        else:
+            dx, dk, dlogit, dbias, du, d_taps_mix = _backward_full_size(
+                gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, mu, var, rstd, taps_e, s2, params)
 
-        # d cross = sum_c dy * x * sigmoid'(cross); then a - shift is recomputed into the same buffer, which
-        # later holds da and finally the input gradient: the one full-size allocation of the backward (besides,
-        # for small maps, the gate product).
-        buf = torch.mul(dy, gx)
-        # The channel sum as a matmul with ones: faster than sum(1) (stage 1: 0.67 vs 0.87 ms).
-        g = torch.bmm(buf.new_ones(1, 1, c).expand(n, 1, c), buf.view(n, c, pixels)).view(n, h, w)
-        g.mul_(gate * (1 - gate))
-        small = _small(gx)
-        product = _gate_product(gates, h) if small else None  # small maps keep it: da and e are multiplied by it
-        a = _gated(gx, gates, _shift(pooled, gates, h), buf, product)
-        # As g^T a^T: 1.4-2.4x faster than the matrix-vector product a g at these shapes.
-        dk = torch.bmm(g.view(n, 1, pixels), a.view(n, c, pixels).transpose(1, 2)).view(n, c)
-        dbias = g.sum((1, 2))
-
-        # The per-channel algebra of _coefficients, backwards.
+        # The parameters' gradients: sums over the batch of per-group terms, and the parameter-only algebra.
         dbias_c = dbias.unsqueeze(1)
-        ds2 = dk * gamma * rstd + dbias_c * (beta - gamma * mu * rstd)
         dgamma = (s2 * rstd * (dk - dbias_c * mu)).sum(0)
-        drstd = s2 * gamma * (dk - dbias_c * mu)
-        dmu = -dbias_c * s2 * gamma * rstd
-        dlogit = s2 * (ds2 - (s2 * ds2).sum(1, keepdim=True))
         total = dbias.sum()
         db3 = dlogit.sum(0) + s1 * total
-        dedges = torch.matmul(dlogit, taps_e.reshape(c, c * 9)).view(n, c, 9) / pixels
         dtaps_e = torch.matmul(dlogit.t(), edges.reshape(n, c * 9)).view(c, c, 9) / pixels
-        dvar = (-0.5 * drstd * rstd ** 3) * (var >= 0)
-        dq = dvar / pixels
-        ds = (dmu - 2 * mu * dvar) / pixels
-
-        # da = 2 dq a + k g + ds, in place: three in-place passes are faster than one out-of-place addcmul with
-        # two per-channel broadcasts (stage 1: 1.4 vs 2.2 ms). The gates' gradients are sums of e = da * x along
-        # rows (weighted by gate_w) and columns (by gate_h).
-        da = a.mul_((2 * dq).view(n, c, 1, 1)).addcmul_(k.view(n, c, 1, 1), g.view(n, 1, h, w))
-        da.add_(ds.view(n, c, 1, 1))
-        if small:
-            # Through the gate product: du = (row and column sums of e * gate_h * gate_w) * (1 - gates), one
-            # matmul, with no broadcast along a short row; da * the product is the input gradient's main term.
-            da = da.mul_(product)
-            e = torch.mul(da, gx, out=product)
-            du = torch.mm(e.view(n * c, pixels), _row_col_matrix(h, w, e.dtype, e.device)).view(n, c, h + w)
-            du.mul_(1 - gates)
-        else:  # e is needed only for those sums, so it is made a chunk at a time.
-            dgh, dgw = gx.new_empty(n, c, 1, h), gx.new_empty(n, c, 1, w)
-            chunks = _chunks(n, c * pixels * gx.element_size())
-            e = gx.new_empty((chunks[0][1],) + gx.shape[1:])
-            for i, j in chunks:  # (matmul's out= must be contiguous: a strided one falls back to a slow loop)
-                ec = torch.mul(da[i:j], gx[i:j], out=e[:j - i])
-                # Both as a row vector times a matrix: for the row sums, gw^T e^T is 1.8-1.9x faster than e gw.
-                torch.matmul(gw[i:j], ec.transpose(2, 3), out=dgh[i:j])
-                torch.matmul(gh[i:j].transpose(2, 3), ec, out=dgw[i:j])
-            du = torch.cat([dgh.view(n, c, h), dgw.view(n, c, w)], 2).mul_(gates * (1 - gates))
         dw1 = torch.matmul(du, pooled.transpose(1, 2)).sum(0).view(w1.shape)
         db1 = du.sum((0, 2))
-
-        # The input gradient, in da's buffer: da * gate_h * gate_w + dy * sigmoid(cross), the pooling, and the
-        # one-output conv's transpose (each tap map's gradient is g shifted back, made a chunk at a time).
-        dpooled = torch.matmul(w1.reshape(c, c).t(), du)
-        if small:
-            dx = _input_grad_small(da, dy, gate.unsqueeze(1), dpooled, dedges)
-        else:
-            dx = _input_grad(da, gh, gw, dy, gate.unsqueeze(1), dpooled, dedges)
-        gp = F.pad(g, (1, 1, 1, 1))
-        chunks = _chunks(n, 9 * pixels * gx.element_size())
-        dz = gx.new_empty(chunks[0][1], 9, pixels)
-        d_taps_mix = gx.new_zeros(9, c)
-        for i, j in chunks:
-            # (Stacked as (m, 9, H, W) views: reshaping each shifted window first would copy it twice.)
-            dzc = torch.stack([gp[i:j, 2 - r:2 - r + h, 2 - q:2 - q + w] for r in range(3) for q in range(3)], 1,
-                              out=dz[:j - i].view(j - i, 9, h, w)).view(j - i, 9, pixels)
-            d_taps_mix += torch.matmul(dzc, gx[i:j].view(j - i, c, pixels).transpose(1, 2)).sum(0)
-            dx[i:j].view(j - i, c, pixels).baddbmm_(taps_mix.t().expand(j - i, c, 9), dzc)
-
         ds1 = b3 * total + torch.matmul(w3.reshape(c, c * 9), d_taps_mix.t().reshape(c * 9))
         dbeta = (dbias_c * s2).sum(0) + s1 * (ds1 - (s1 * ds1).sum())
         dw3 = (torch.matmul(dtaps_e, tap_edges.t()) + s1.view(c, 1, 1) * d_taps_mix.t().unsqueeze(0)).view(w3.shape)
         return dx.view(x.shape), None, None, None, dw1, db1, dgamma, dbeta, dw3, db3
+
+
+def _backward_full_size(gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, mu, var, rstd, taps_e, s2, params):
+    """The backward's full-size part as PyTorch ops (native.backward is the same in one pass per group): the
+    input gradient and, per group, dk, dlogit (n, c), dbias (n), the gates' gradient du (n, c, H + W) and
+    taps_mix's gradient summed over the batch (9, c)."""
+    w1, gamma, beta = params[0], params[2], params[3]
+    n, c, h, w = gx.shape
+    pixels = h * w
+    gh, gw = gates[:, :, :h].unsqueeze(3), gates[:, :, h:].unsqueeze(2)
+
+    # d cross = sum_c dy * x * sigmoid'(cross); then a - shift is recomputed into the same buffer, which
+    # later holds da and finally the input gradient: the one full-size allocation of the backward (besides,
+    # for small maps, the gate product).
+    buf = torch.mul(dy, gx)
+    # The channel sum as a matmul with ones: faster than sum(1) (stage 1: 0.67 vs 0.87 ms).
+    g = torch.bmm(buf.new_ones(1, 1, c).expand(n, 1, c), buf.view(n, c, pixels)).view(n, h, w)
+    g.mul_(gate * (1 - gate))
+    small = _small(gx)
+    product = _gate_product(gates, h) if small else None  # small maps keep it: da and e are multiplied by it
+    a = _gated(gx, gates, shift, buf, product)
+    # As g^T a^T: 1.4-2.4x faster than the matrix-vector product a g at these shapes.
+    dk = torch.bmm(g.view(n, 1, pixels), a.view(n, c, pixels).transpose(1, 2)).view(n, c)
+    dbias = g.sum((1, 2))
+
+    # The per-channel algebra of _coefficients, backwards (for each group).
+    dbias_c = dbias.unsqueeze(1)
+    ds2 = dk * gamma * rstd + dbias_c * (beta - gamma * mu * rstd)
+    drstd = s2 * gamma * (dk - dbias_c * mu)
+    dmu = -dbias_c * s2 * gamma * rstd
+    dlogit = s2 * (ds2 - (s2 * ds2).sum(1, keepdim=True))
+    dedges = torch.matmul(dlogit, taps_e.reshape(c, c * 9)).view(n, c, 9) / pixels
+    dvar = (-0.5 * drstd * rstd ** 3) * (var >= 0)
+    dq = dvar / pixels
+    ds = (dmu - 2 * mu * dvar) / pixels
+
+    # da = 2 dq a + k g + ds, in place: three in-place passes are faster than one out-of-place addcmul with
+    # two per-channel broadcasts (stage 1: 1.4 vs 2.2 ms). The gates' gradients are sums of e = da * x along
+    # rows (weighted by gate_w) and columns (by gate_h).
+    da = a.mul_((2 * dq).view(n, c, 1, 1)).addcmul_(k.view(n, c, 1, 1), g.view(n, 1, h, w))
+    da.add_(ds.view(n, c, 1, 1))
+    if small:
+        # Through the gate product: du = (row and column sums of e * gate_h * gate_w) * (1 - gates), one
+        # matmul, with no broadcast along a short row; da * the product is the input gradient's main term.
+        da = da.mul_(product)
+        e = torch.mul(da, gx, out=product)
+        du = torch.mm(e.view(n * c, pixels), _row_col_matrix(h, w, e.dtype, e.device)).view(n, c, h + w)
+        du.mul_(1 - gates)
+    else:  # e is needed only for those sums, so it is made a chunk at a time.
+        dgh, dgw = gx.new_empty(n, c, 1, h), gx.new_empty(n, c, 1, w)
+        chunks = _chunks(n, c * pixels * gx.element_size())
+        e = gx.new_empty((chunks[0][1],) + gx.shape[1:])
+        for i, j in chunks:  # (matmul's out= must be contiguous: a strided one falls back to a slow loop)
+            ec = torch.mul(da[i:j], gx[i:j], out=e[:j - i])
+            # Both as a row vector times a matrix: for the row sums, gw^T e^T is 1.8-1.9x faster than e gw.
+            torch.matmul(gw[i:j], ec.transpose(2, 3), out=dgh[i:j])
+            torch.matmul(gh[i:j].transpose(2, 3), ec, out=dgw[i:j])
+        du = torch.cat([dgh.view(n, c, h), dgw.view(n, c, w)], 2).mul_(gates * (1 - gates))
+
+    # The input gradient, in da's buffer: da * gate_h * gate_w + dy * sigmoid(cross), the pooling, and the
+    # one-output conv's transpose (each tap map's gradient is g shifted back, made a chunk at a time).
+    dpooled = torch.matmul(w1.reshape(c, c).t(), du)
+    if small:
+        dx = _input_grad_small(da, dy, gate.unsqueeze(1), dpooled, dedges)
+    else:
+        dx = _input_grad(da, gh, gw, dy, gate.unsqueeze(1), dpooled, dedges)
+    gp = F.pad(g, (1, 1, 1, 1))
+    chunks = _chunks(n, 9 * pixels * gx.element_size())
+    dz = gx.new_empty(chunks[0][1], 9, pixels)
+    d_taps_mix = gx.new_zeros(9, c)
+    for i, j in chunks:
+        # (Stacked as (m, 9, H, W) views: reshaping each shifted window first would copy it twice.)
+        dzc = torch.stack([gp[i:j, 2 - r:2 - r + h, 2 - q:2 - q + w] for r in range(3) for q in range(3)], 1,
+                          out=dz[:j - i].view(j - i, 9, h, w)).view(j - i, 9, pixels)
+        d_taps_mix += torch.matmul(dzc, gx[i:j].view(j - i, c, pixels).transpose(1, 2)).sum(0)
+        dx[i:j].view(j - i, c, pixels).baddbmm_(taps_mix.t().expand(j - i, c, 9), dzc)
+    return dx, dk, dlogit, dbias, du, d_taps_mix
 
 
 def _bias(bias: Optional[torch.Tensor]) -> torch.Tensor:

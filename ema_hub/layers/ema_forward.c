@@ -11,8 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* 16 floats: one AVX-512 register (the compiler splits it where the CPU has narrower ones). */
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#include "ema_kernels.h"
 
 typedef struct {
     const float *x;                  /* (n, c, H, W): groups folded into the batch */
@@ -172,24 +171,10 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
         for (long j = 0; j < W; j++) cols[j] /= (float)H;
     }
 
-    /* 2. gates = sigmoid(w1 @ pooled + b1): 16 output channels by 4 positions at a time, in registers. */
-    for (long ov = 0; ov < cv; ov++) {
-        const v16 b = *(const v16 *)(S->b1p + ov * 16);
-        const long no = c - ov * 16 < 16 ? c - ov * 16 : 16;
-        for (long t0 = 0; t0 < L; t0 += 4) {
-            const long nt = L - t0 < 4 ? L - t0 : 4;
-            v16 s[4] = {b, b, b, b};
-            for (long kk = 0; kk < c; kk++) {
-                const v16 wk = *(const v16 *)(S->w1t + (kk * cv + ov) * 16);
-                const float *pk = pooled + kk * L + t0;
-                for (long r = 0; r < nt; r++) s[r] += pk[r] * wk;
-            }
-            float tmp[4][16];
-            memcpy(tmp, s, sizeof tmp);
-            for (long r = 0; r < nt; r++)
-                for (long l = 0; l < no; l++) gates[(ov * 16 + l) * L + t0 + r] = tmp[r][l];
-        }
-    }
+    /* 2. gates = sigmoid(w1 @ pooled + b1). */
+    matmul_t16(S->w1t, cv, c, c, pooled, L, gates);
+    for (long o = 0; o < c; o++)
+        for (long t = 0; t < L; t++) gates[o * L + t] += S->b1p[o];
 #pragma omp simd
     for (long t = 0; t < c * L; t++) gates[t] = sigmoid(gates[t]);
 
@@ -291,22 +276,19 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     }
 }
 
+typedef struct { const Args *A; const Shared *S; } Context;
+
+static void group_forward_ctx(const void *ctx, long g, float *scratch) {
+    const Context *C = ctx;
+    group_forward(C->A, C->S, g, scratch);
+}
+
 /* Returns 0, or 1 when memory ran out (the outputs are then incomplete). */
 int ema_forward(const Args *A) {
     Shared S;
     if (shared_init(A, &S)) return 1;
-    const long floats = scratch_floats(A->c, A->h, A->w);
-    int failed = 0;
-#pragma omp parallel num_threads(A->threads) reduction(| : failed)
-    {
-        /* calloc: the padding must be zero; only the map's interior is written afterwards */
-        float *scratch = calloc((size_t)floats, sizeof(float));
-        failed = scratch == NULL;
-#pragma omp for schedule(static)
-        for (long g = 0; g < A->n; g++)
-            if (scratch) group_forward(A, &S, g, scratch);
-        free(scratch);
-    }
+    const Context C = {A, &S};
+    const int failed = for_each_group(A->n, A->threads, scratch_floats(A->c, A->h, A->w), group_forward_ctx, &C);
     free(S.w1t);
     return failed;
 }
