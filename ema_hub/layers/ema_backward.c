@@ -29,10 +29,10 @@ typedef struct {
 } BackArgs;
 
 /* Per-thread scratch, in floats: g zero-padded to (H + 2) x (W + 2), per-column sums (W), per-channel
-   vectors (6 c), the edge gradients (9 c) and dpooled (c (H + W)), row and column terms (H + W), the tap
+   vectors (5 c), the edge gradients (9 c) and dpooled (c (H + W)), row and column terms (H + W), the tap
    gradients' column sums (9 W). */
 static long scratch_floats(long c, long h, long w) {
-    return (h + 2) * (w + 2) + w + 6 * c + 9 * c + c * (h + w) + h + w + 9 * w;
+    return (h + 2) * (w + 2) + w + 5 * c + 9 * c + c * (h + w) + h + w + 9 * w;
 }
 
 static void group_backward(const BackArgs *A, long g, float *scratch) {
@@ -45,8 +45,8 @@ static void group_backward(const BackArgs *A, long g, float *scratch) {
     float *dk = A->dk + g * c, *dlogit = A->dlogit + g * c;
     float *gp = scratch;                 /* g's pixel (i, j) at [(i + 1) Wp + j + 1]; the border stays zero */
     float *colv = gp + (H + 2) * Wp;     /* (W) */
-    float *ds2 = colv + W, *drstd = ds2 + c, *dmu = drstd + c, *dq = dmu + c, *ds = dq + c, *tmp = ds + c;
-    float *dedges = tmp + c;             /* (c, 9) */
+    float *ds2 = colv + W, *drstd = ds2 + c, *dmu = drstd + c, *dq = dmu + c, *ds = dq + c;
+    float *dedges = ds + c;              /* (c, 9) */
     float *dpooled = dedges + 9 * c;     /* (c, L) */
     float *drows = dpooled + c * L, *dcols = drows + H, *dcol = dcols + W;  /* dcol: (9, W) */
 
