@@ -113,7 +113,7 @@ static int shared_init(const Args *A, Shared *S) {
    3x3 tap is an in-bounds read and taps that cross a row's end land in the padding. */
 static long scratch_floats(long c, long h, long w) {
     const long wp = w + 2;
-    return c * ((h + 2) * wp + 2) + c * h * wp + c * (h + w) + h * wp + 2 * c + 2 * w;
+    return c * ((h + 2) * wp + 2) + c * h * wp + c * (h + w) + h * wp + 2 * c;
 }
 
 static void group_forward(const Args *A, const Shared *S, long g, float *scratch) {
@@ -130,7 +130,6 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     float *acc = gates + c * L;        /* (H, Wp): cross, laid out as apad */
     float *k = acc + H * Wp;           /* (c) */
     float *s2 = k + c;                 /* (c) */
-    float *sv = s2 + c, *qv = sv + W;  /* (W) each */
 
     /* 1. Row and column sums, edge sums, pooled means; x copied into its padded rows. */
     for (long ch = 0; ch < c; ch++) {
@@ -141,25 +140,15 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
         for (long i = 0; i < H; i++) {
             const float *xr = xc + i * W;
             float *xpr = xp + i * Wp;
-#pragma omp simd
+            float r = 0.f;
+            /* A vector sum (reordered), not a chain of dependent adds: stage 1's step 1 went from 35 to 23 % of
+               the kernel's time, the kernel from 4.3 to 3.8 ms. */
+#pragma omp simd reduction(+ : r)
             for (long j = 0; j < W; j++) {
                 cols[j] += xr[j];
                 xpr[j] = xr[j];
+                r += xr[j];
             }
-        }
-        /* Four rows at a time: one short row summed alone is a chain of dependent adds. */
-        long i = 0;
-        for (; i + 4 <= H; i += 4) {
-            const float *xr = xc + i * W;
-            float r0 = 0.f, r1 = 0.f, r2 = 0.f, r3 = 0.f;
-            for (long j = 0; j < W; j++) {
-                r0 += xr[j]; r1 += xr[W + j]; r2 += xr[2 * W + j]; r3 += xr[3 * W + j];
-            }
-            rows[i] = r0; rows[i + 1] = r1; rows[i + 2] = r2; rows[i + 3] = r3;
-        }
-        for (; i < H; i++) {
-            float r = 0.f;
-            for (long j = 0; j < W; j++) r += xc[i * W + j];
             rows[i] = r;
         }
         float total = 0.f;
@@ -167,8 +156,9 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
         float *e = edges + ch * 9;
         e[0] = total; e[1] = rows[0]; e[2] = rows[H - 1]; e[3] = cols[0]; e[4] = cols[W - 1];
         e[5] = xc[0]; e[6] = xc[W - 1]; e[7] = xc[(H - 1) * W]; e[8] = xc[P - 1];
-        for (long i = 0; i < H; i++) rows[i] /= (float)W;
-        for (long j = 0; j < W; j++) cols[j] /= (float)H;
+        const float rw = 1.0f / (float)W, rh = 1.0f / (float)H;  /* multiplies: divides are slow */
+        for (long i = 0; i < H; i++) rows[i] *= rw;
+        for (long j = 0; j < W; j++) cols[j] *= rh;
     }
 
     /* 2. gates = sigmoid(w1 @ pooled + b1). */
@@ -178,8 +168,9 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
 #pragma omp simd
     for (long t = 0; t < c * L; t++) gates[t] = sigmoid(gates[t]);
 
-    /* 3. a - shift (the shift of _shift), its sum and its sum of squares, per column first: a short row's sum
-       alone would be a chain of dependent adds. */
+    /* 3. a - shift (the shift of _shift), its sum and its sum of squares as vector sums: at stage 1 this step
+       took 16 % of the kernel's 3.3 ms, against 24 % of 3.6 ms with per-column sums in memory (no faster on
+       short rows either). */
     float *sums = A->sums + g * c, *squares = A->sums + A->n * c + g * c;
     for (long ch = 0; ch < c; ch++) {
         const float *gh = gates + ch * L, *gw = gh + H, *rows = pooled + ch * L;
@@ -189,23 +180,18 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
         const float shift = (sh / H) * (sw / W);
         const float *xc = x + ch * P;
         float *ac = apad + ch * H * Wp + 1;
-        for (long j = 0; j < W; j++) sv[j] = qv[j] = 0.f;
+        float s = 0.f, q = 0.f;
         for (long i = 0; i < H; i++) {
             const float ghi = gh[i];
             const float *xr = xc + i * W;
             float *ar = ac + i * Wp;
-#pragma omp simd
+#pragma omp simd reduction(+ : s, q)
             for (long j = 0; j < W; j++) {
                 const float v = xr[j] * ghi * gw[j] - shift;
                 ar[j] = v;
-                sv[j] += v;
-                qv[j] += v * v;
+                s += v;
+                q += v * v;
             }
-        }
-        float s = 0.f, q = 0.f;
-        for (long j = 0; j < W; j++) {
-            s += sv[j];
-            q += qv[j];
         }
         sums[ch] = s;
         squares[ch] = q;
