@@ -103,8 +103,7 @@ static int shared_init(const Args *A, Shared *S) {
         s1[o] /= den;
         S->const3 += s1[o] * A->b3[o];
     }
-    /* taps_mix[t][k] = sum_o s1[o] w3[o][k][t], summed in w3's order: with o innermost, the reads jumped 9c
-       floats apart (at c = 64 the whole call took 210 us on a 1x1 map, 190 of them here). */
+    /* taps_mix[t][k] = sum_o s1[o] w3[o][k][t], read in w3's order (o innermost read floats 9c apart). */
     for (long o = 0; o < c; o++)
         for (long k = 0; k < c; k++)
             for (int t = 0; t < 9; t++) S->taps_mix[t * c + k] += s1[o] * A->w3[(o * c + k) * 9 + t];
