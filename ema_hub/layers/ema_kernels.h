@@ -6,6 +6,7 @@
 
 /* 16 floats: one AVX-512 register (the compiler splits it where the CPU has narrower ones). */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int v16i __attribute__((vector_size(64), aligned(4)));  /* lane masks for v16 */
 
 /* out (m, L) = wt^T in: out[o][t] = sum_k wt[k][o] in[k][t], k < kn, with wt's rows zero-padded to cv * 16
    floats (m <= cv * 16). 16 outputs by 8 positions at a time, in registers: a single chain of FMAs along a
