@@ -162,9 +162,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
                     *(v16 *)(colq + j0) += xv;
                     rv += xv;
                 }
-                float r = 0.f;
-                for (int l = 0; l < 16; l++) r += rv[l];
-                rows[i] = r;
+                rows[i] = hsum16(rv);
             } else {
                 float r = 0.f;
                 for (long j = 0; j < W; j++) {
@@ -224,13 +222,8 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
                 qv += av * av;
             }
         }
-        float s = 0.f, q = 0.f;
-        for (int l = 0; l < 16; l++) {
-            s += sv[l];
-            q += qv[l];
-        }
-        sums[ch] = s;
-        squares[ch] = q;
+        sums[ch] = hsum16(sv);
+        squares[ch] = hsum16(qv);
     }
 
     /* 4. s2 = softmax(edges . taps_e / P + b3), then k and the constant (as _coefficients). */

@@ -7,6 +7,12 @@
 /* 16 floats: one AVX-512 register (the compiler splits it where the CPU has narrower ones). */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int v16i __attribute__((vector_size(64), aligned(4)));  /* lane masks for v16 */
+/* The sum of a vector's lanes as a tree (a loop over its 16 lanes is a chain of 15 dependent adds). */
+static inline float hsum16(v16 v) {
+    const float a0 = (v[0] + v[8]) + (v[4] + v[12]), a1 = (v[1] + v[9]) + (v[5] + v[13]);
+    const float a2 = (v[2] + v[10]) + (v[6] + v[14]), a3 = (v[3] + v[11]) + (v[7] + v[15]);
+    return (a0 + a2) + (a1 + a3);
+}
 
 /* out (m, L) = wt^T in: out[o][t] = sum_k wt[k][o] in[k][t], k < kn, with wt's rows zero-padded to cv * 16
    floats (m <= cv * 16). 16 outputs by 8 positions at a time, in registers: a single chain of FMAs along a
