@@ -232,8 +232,8 @@ def main(argv=None) -> int:
     batch = args.batch or (2 if args.quick else 8)
     print(f'# CPU, {args.threads} threads, fp32 eager, batch {batch}, median of {repeats} interleaved repeats'
           + (' (QUICK: reduced shapes, numbers not meaningful)' if args.quick else ''))
-    print('# EMA forward and backward: ' + ('compiled kernels (ema_hub/layers/ema_forward.c, ema_backward.c; '
-                                           'the backward above 256 pixels)' if native.available()
+    print('# EMA forward and backward: ' + ('compiled kernels (ema_hub/layers/ema_forward.c, ema_backward.c)'
+                                           if native.available()
                                            else 'PyTorch ops (the compiled kernels are off or did not build)'))
     print('## layer: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
     print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} {"speedup":>8s}')

@@ -51,12 +51,12 @@ def eager_path(request, monkeypatch):
                 calls[_name] += 1
                 return _f(*a)
             monkeypatch.setattr(native, name, counted)
-        torch_ops = []  # backwards through PyTorch ops: fp64 (the oracle's) and fp32 on maps of <= 256 pixels
+        torch_ops = []  # backwards through PyTorch ops: only fp64 ones (the oracle's)
         monkeypatch.setattr(ema_layer, '_backward_full_size', lambda gx, *a, _f=ema_layer._backward_full_size:
-                            torch_ops.append((gx.dtype, ema_layer._small(gx))) or _f(gx, *a))
+                            torch_ops.append(gx.dtype) or _f(gx, *a))
         yield calls
         assert calls['forward'], 'the native kernel was not called'
-        assert (torch.float32, False) not in torch_ops, 'a large-map fp32 backward ran as PyTorch ops'
+        assert torch.float32 not in torch_ops, 'an fp32 backward ran as PyTorch ops'
     else:
         monkeypatch.setattr(native, 'supports', lambda *a: False)
         yield calls
@@ -89,15 +89,14 @@ def test_matches_reference_fp64(b, c, h, w, factor, train):
 def test_matches_reference_fp32_resnet50_stages(c, s, eager_path):
     fast, ref = _pair(c, dtype=torch.float32)
     _assert_same_function(fast, ref, torch.randn(2, c, s, s), rtol=1e-4)
-    # natively: both once (the backward on maps above 256 pixels); with PyTorch ops: neither
-    assert eager_path['backward'] == (eager_path['forward'] if s * s > 256 else 0)
+    assert eager_path['backward'] == eager_path['forward']  # natively: both once; with PyTorch ops: neither
 
 
 @pytest.mark.parametrize('b,c,h,w,factor', SHAPES)
 def test_matches_reference_fp32_odd_shapes(b, c, h, w, factor, eager_path):
     fast, ref = _pair(c, factor, dtype=torch.float32)
     _assert_same_function(fast, ref, torch.randn(b, c, h, w), rtol=1e-4)
-    assert eager_path['backward'] == (eager_path['forward'] if h * w > 256 else 0)
+    assert eager_path['backward'] == eager_path['forward']
 
 
 def test_channels_last_input():

@@ -71,7 +71,7 @@ def test_threads_follow_torch(tmp_path):
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_(0, 0.5)
-        x = torch.randn(3, 256, 17, 19)  # above 256 pixels: the backward is compiled too
+        x = torch.randn(3, 256, 17, 19)
         dy = torch.randn_like(x)
         outs = []
         for t in (1, 2, 3):
@@ -89,8 +89,8 @@ def test_threads_follow_torch(tmp_path):
 @pytest.mark.parametrize('n,c,h,w', [(4, 8, 56, 56), (6, 16, 17, 19), (3, 64, 7, 7), (2, 6, 7, 5), (2, 4, 1, 1),
                                      (2, 8, 1, 3), (2, 8, 4, 1), (1, 8, 300, 1)])
 def test_backward_matches_pytorch_ops(n, c, h, w):
-    """The compiled backward against ema._backward_full_size (its PyTorch-ops twin), maps of every size: the
-    layer routes only maps above 256 pixels to it, but it computes the same on small ones."""
+    """The compiled backward against ema._backward_full_size (its PyTorch-ops twin, the path without a compiler
+    or off the CPU), on maps of every size."""
     gen = torch.Generator().manual_seed(n * c + h + w)
     gx, dy = torch.randn(n, c, h, w, generator=gen) + 0.5, torch.randn(n, c, h, w, generator=gen)
     layer = EMA(c, 1)

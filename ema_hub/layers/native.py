@@ -6,7 +6,7 @@ backward more. The kernels make one per group (c channels of one sample, held in
 first step to the last): resnet50_ema's inference time over resnet50's went from 1.25x to 1.13x, its
 training step from 1.25x to 1.19x, in in-process A/B runs on two cores (README, "Speed"). They compute the
 same as ``_forward_fast``'s PyTorch ops and ``_backward_full_size``, which stay the path for other devices
-and dtypes, for the backward on maps of at most 256 pixels, and wherever the kernels cannot be built.
+and dtypes and wherever the kernels cannot be built.
 
 Building: ``$CC`` (else the compiler Python was built with, else ``cc``), with OpenMP, once per machine and
 source version, into ``$XDG_CACHE_HOME/ema_hub/native`` (``~/.cache/ema_hub/native``), in about a second;
