@@ -7,6 +7,7 @@
 /* 16 floats: one AVX-512 register (the compiler splits it where the CPU has narrower ones). */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int v16i __attribute__((vector_size(64), aligned(4)));  /* lane masks for v16 */
+
 /* The sum of a vector's lanes as a tree (a loop over its 16 lanes is a chain of 15 dependent adds). */
 static inline float hsum16(v16 v) {
     const float a0 = (v[0] + v[8]) + (v[4] + v[12]), a1 = (v[1] + v[9]) + (v[5] + v[13]);
@@ -17,7 +18,7 @@ static inline float hsum16(v16 v) {
 /* out (m, L) = wt^T in: out[o][t] = sum_k wt[k][o] in[k][t], k < kn, with wt's rows zero-padded to cv * 16
    floats (m <= cv * 16). 16 outputs by 8 positions at a time, in registers: a single chain of FMAs along a
    short row is latency bound (the forward's gates at 7x7; the backward's dpooled, 1.5 of 4.9 ms there), and
-   eight chains keep both FMA units busy where four did not (the gates: 20 -> 14 % of the kernel at 7x7). */
+   eight chains hide that latency better than four (the gates: 18 -> 13 % of the forward kernel at 7x7). */
 static void matmul_t16(const float *wt, long cv, long m, long kn, const float *in, long L, float *out) {
     for (long ov = 0; ov < cv; ov++) {
         const long no = m - ov * 16 < 16 ? m - ov * 16 : 16;
