@@ -28,11 +28,38 @@ typedef struct {
     int threads;
 } BackArgs;
 
-/* Per-thread scratch, in floats: g zero-padded to (H + 2) x (W + 2), per-column sums (W), per-channel
-   vectors (5 c), the edge gradients (9 c) and dpooled (c (H + W)), row and column terms (H + W), the tap
-   gradients' column sums (9 W). */
+/* Per-thread scratch. */
+typedef struct {
+    float *gp;                       /* g's pixel (i, j) at [(i + 1) Wp + j + 1]; the border stays zero */
+    float *colv;                     /* (W): per-column sums */
+    float *ds2, *drstd, *dmu, *dq, *ds;  /* (c) each */
+    float *dedges;                   /* (c, 9) */
+    float *dpooled;                  /* (c, L) */
+    float *drows, *dcols;            /* (H), (W): row and column terms */
+    float *dcol;                     /* (9, W): the tap gradients' column sums */
+} Scratch;
+
+/* Carves S out of base (NULL: only counts); returns its size in floats. */
+static long scratch_layout(long c, long h, long w, float *base, Scratch *S) {
+    long used = 0;
+    S->gp = carve(base, &used, (h + 2) * (w + 2));
+    S->colv = carve(base, &used, w);
+    S->ds2 = carve(base, &used, c);
+    S->drstd = carve(base, &used, c);
+    S->dmu = carve(base, &used, c);
+    S->dq = carve(base, &used, c);
+    S->ds = carve(base, &used, c);
+    S->dedges = carve(base, &used, 9 * c);
+    S->dpooled = carve(base, &used, c * (h + w));
+    S->drows = carve(base, &used, h);
+    S->dcols = carve(base, &used, w);
+    S->dcol = carve(base, &used, 9 * w);
+    return used;
+}
+
 static long scratch_floats(long c, long h, long w) {
-    return (h + 2) * (w + 2) + w + 5 * c + 9 * c + c * (h + w) + h + w + 9 * w;
+    Scratch S;
+    return scratch_layout(c, h, w, NULL, &S);
 }
 
 static void group_backward(const BackArgs *A, long g, float *scratch) {
@@ -43,12 +70,10 @@ static void group_backward(const BackArgs *A, long g, float *scratch) {
     const float *rstd = A->rstd + g * c, *s2 = A->s2 + g * c;
     float *dx = A->dx + g * c * P, *du = A->du + g * c * L, *dtaps = A->dtaps + g * 9 * c;
     float *dk = A->dk + g * c, *dlogit = A->dlogit + g * c;
-    float *gp = scratch;                 /* g's pixel (i, j) at [(i + 1) Wp + j + 1]; the border stays zero */
-    float *colv = gp + (H + 2) * Wp;     /* (W) */
-    float *ds2 = colv + W, *drstd = ds2 + c, *dmu = drstd + c, *dq = dmu + c, *ds = dq + c;
-    float *dedges = ds + c;              /* (c, 9) */
-    float *dpooled = dedges + 9 * c;     /* (c, L) */
-    float *drows = dpooled + c * L, *dcols = drows + H, *dcol = dcols + W;  /* dcol: (9, W) */
+    Scratch T;
+    scratch_layout(c, H, W, scratch, &T);
+    float *gp = T.gp, *colv = T.colv, *ds2 = T.ds2, *drstd = T.drstd, *dmu = T.dmu, *dq = T.dq, *ds = T.ds;
+    float *dedges = T.dedges, *dpooled = T.dpooled, *drows = T.drows, *dcols = T.dcols, *dcol = T.dcol;
 
     /* 1. g = sum_c dy x, times sigmoid'(cross), into the padded map (row by row, channel-major reads). */
     for (long i = 0; i < H; i++) {

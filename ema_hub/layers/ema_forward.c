@@ -110,12 +110,43 @@ static int shared_init(const Args *A, Shared *S) {
     return 0;
 }
 
-/* Per-thread scratch, in floats. x and a - shift are kept with zero-padded rows of pitch W + 2, so that every
-   3x3 tap is an in-bounds read and taps that cross a row's end land in the padding; each buffer has 16 floats
-   to spare at its end, since step 5 reads whole vectors. */
-static long scratch_floats(long c, long h, long w) {
+/* Per-thread scratch. x and a - shift are kept with zero-padded rows of pitch W + 2, so that every 3x3 tap is
+   an in-bounds read and taps that cross a row's end land in the padding; the buffers read or written in whole
+   vectors have 16 floats to spare at their end. */
+typedef struct {
+    float *xpad;                     /* channel ch's pixel (i, j) at [ch XS + 1 + (i + 1) Wp + j + 1] */
+    float *apad;                     /* laid out as xpad */
+    float *z;                        /* (9, ZS): step 5's tap maps, laid out as one channel of xpad */
+    float *gates;                    /* (c, L): the h-gate then the w-gate */
+    float *acc;                      /* (H, Wp): cross; pixel (i, j) at [i Wp + j + 1] */
+    float *k, *s2;                   /* (c) each */
+    float *gwq, *shq;                /* (Wp rounded up to 16) each: step 3's rows */
+    int *rowmask, *colmask;          /* (Wp, W rounded up to 16): lanes inside a padded / a plain row */
+    float *colq;                     /* (W rounded up to 16): step 1's column sums */
+} Scratch;
+
+/* Carves S out of base (NULL: only counts); returns its size in floats (an int takes a float's 4 bytes). */
+static long scratch_layout(long c, long h, long w, float *base, Scratch *S) {
     const long wp = w + 2, xs = (h + 2) * wp + 2, zs = (xs + 31) / 16 * 16;
-    return 2 * (c * xs + 16) + 9 * zs + 16 + c * (h + w) + h * wp + 16 + 2 * c + 3 * (wp + 15) + 2 * (w + 15);
+    long used = 0;
+    S->xpad = carve(base, &used, c * xs + 16);
+    S->apad = carve(base, &used, c * xs + 16);
+    S->z = carve(base, &used, 9 * zs + 16);
+    S->gates = carve(base, &used, c * (h + w));
+    S->acc = carve(base, &used, h * wp + 16);
+    S->k = carve(base, &used, c);
+    S->s2 = carve(base, &used, c);
+    S->gwq = carve(base, &used, wp + 15);
+    S->shq = carve(base, &used, wp + 15);
+    S->rowmask = (int *)carve(base, &used, wp + 15);
+    S->colmask = (int *)carve(base, &used, w + 15);
+    S->colq = carve(base, &used, w + 15);
+    return used;
+}
+
+static long scratch_floats(long c, long h, long w) {
+    Scratch S;
+    return scratch_layout(c, h, w, NULL, &S);
 }
 
 static void group_forward(const Args *A, const Shared *S, long g, float *scratch) {
@@ -126,17 +157,12 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     float *pooled = A->pooled + g * c * L;
     float *edges = A->edges + g * c * 9;
     float *gate = A->gate + g * P;
-    float *xpad = scratch;             /* channel ch's pixel (i, j) at [ch XS + 1 + (i + 1) Wp + j + 1] */
-    float *apad = xpad + c * XS + 16; /* laid out as xpad */
     const long ZS = (XS + 31) / 16 * 16;
-    float *z = apad + c * XS + 16;     /* (9, ZS): step 5's tap maps, laid out as one channel of xpad */
-    float *gates = z + 9 * ZS + 16;    /* (c, L): the h-gate then the w-gate */
-    float *acc = gates + c * L;        /* (H, Wp): cross; pixel (i, j) at [i Wp + j + 1] */
-    float *k = acc + H * Wp + 16;      /* (c) */
-    float *s2 = k + c;                 /* (c) */
-    float *gwq = s2 + c, *shq = gwq + Wp + 15;  /* (Wp rounded up to 16) each: step 3's rows */
-    int *rowmask = (int *)(shq + Wp + 15), *colmask = rowmask + Wp + 15;  /* (Wp, W rounded up to 16) */
-    float *colq = (float *)(colmask + W + 15);                              /* (W rounded up to 16) */
+    Scratch T;
+    scratch_layout(c, H, W, scratch, &T);
+    float *xpad = T.xpad, *apad = T.apad, *z = T.z, *gates = T.gates, *acc = T.acc, *k = T.k, *s2 = T.s2;
+    float *gwq = T.gwq, *shq = T.shq, *colq = T.colq;
+    int *rowmask = T.rowmask, *colmask = T.colmask;
 
     /* 1. Row and column sums, edge sums, pooled means; x copied into its padded rows. As step 3, in whole
        vectors along each row with the lanes past its end masked (the copy stores them as zeros into the padding

@@ -15,6 +15,14 @@ static inline float hsum16(v16 v) {
     return (a0 + a2) + (a1 + a3);
 }
 
+/* Hands out the next n floats of a thread's scratch (a NULL base only counts them). Each kernel carves its
+   scratch in one layout function, used both to size it and to lay it out, so the two cannot drift apart. */
+static float *carve(float *base, long *used, long n) {
+    float *piece = base ? base + *used : NULL;
+    *used += n;
+    return piece;
+}
+
 /* out (m, L) = wt^T in: out[o][t] = sum_k wt[k][o] in[k][t], k < kn, with wt's rows zero-padded to cv * 16
    floats (m <= cv * 16). 16 outputs by 8 positions at a time, in registers: a single chain of FMAs along a
    short row is latency bound (the forward's gates at 7x7; the backward's dpooled, 1.5 of 4.9 ms there), and
