@@ -4,7 +4,9 @@ Run ``python -m ema_hub.benchmark [--quick] [--threads 2] [--batch 8] [--repeats
 
 Everything runs in one process and the candidates are interleaved round-robin (each repeat times every
 candidate once, in turn, the order reversed every other round), so that load on a shared machine and one
-candidate's after-effects hit all of them alike; the table reports the median over repeats.
+candidate's after-effects hit all of them alike. Times are medians over repeats; a ratio (or speedup) is the
+median of the per-round ratios, each taken between two runs seconds apart, so a stretch of load on the
+machine moves both sides of it.
 
 * Layer: ``ema_hub.EMA`` vs ``ema_hub.reference.ReferenceEMA`` (same parameters) at the four ResNet-50
   stage shapes, inference (``torch.inference_mode``) and a training step (forward + backward w.r.t. the
@@ -48,8 +50,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds of each callable, timing them round-robin ``repeats`` times after ``warmup`` rounds.
+def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str, warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds of each callable in each of ``repeats`` rounds, timing them round-robin after ``warmup`` rounds.
 
     The order alternates from round to round (A B C, C B A, ...): whatever one candidate leaves behind (a
     heap to grow back, caches to refill) then falls on each of the others alike.
@@ -64,7 +66,12 @@ def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str, 
             _sync(device)
             if r >= warmup:
                 times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
+    """The median over rounds of num's time over den's in the same round."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -136,7 +143,9 @@ def bench_layer(batch: int, repeats: int, quick: bool, device: str, warmup: int 
         grad = torch.randn_like(x)
         inf = _interleaved({'ref': _infer(ref, x), 'ema': _infer(fast, x)}, repeats, device, warmup)
         tr = _interleaved({'ref': _train_step(ref, x, grad), 'ema': _train_step(fast, x, grad)}, repeats, device, warmup)
-        rows.append(dict(shape=f'({ch},{s})', inf_ref=inf['ref'], inf_ema=inf['ema'], tr_ref=tr['ref'], tr_ema=tr['ema']))
+        rows.append(dict(shape=f'({ch},{s})', inf_ref=statistics.median(inf['ref']), inf_ema=statistics.median(inf['ema']),
+                         inf_speedup=_ratio(inf, 'ref', 'ema'), tr_ref=statistics.median(tr['ref']),
+                         tr_ema=statistics.median(tr['ema']), tr_speedup=_ratio(tr, 'ref', 'ema')))
     return rows
 
 
@@ -167,8 +176,8 @@ def bench_network_cpu(batch: int, repeats: int, img: int, threads: int, warmup: 
             m.train(mode == 'tr')
         for k in NETWORKS[1:]:
             t = _interleaved({'resnet50': measure(base), k: measure(nets[k])}, repeats, 'cpu', warmup)
-            res[k][mode], res[k][mode + '_ratio'] = t[k], t[k] / t['resnet50']
-            res['resnet50'].setdefault(mode, t['resnet50'])
+            res[k][mode], res[k][mode + '_ratio'] = statistics.median(t[k]), _ratio(t, k, 'resnet50')
+            res['resnet50'].setdefault(mode, statistics.median(t['resnet50']))
         res['resnet50'][mode + '_ratio'] = 1.0
     for k, m in nets.items():
         res[k]['peak'], res[k]['saved'] = _training_peak_bytes(m, x, grad), _saved_activation_bytes(m, x)
@@ -191,8 +200,10 @@ def bench_network_cuda(batch: int, repeats: int) -> Dict[str, dict]:
                 m(x)
         return f
     t = _interleaved({k: run(m) for k, m in fns.items()}, repeats, 'cuda', warmup=3)
-    for k, sec in t.items():
-        out[k] = dict(inf=sec, throughput=batch / sec)
+    for k, times in t.items():
+        sec = statistics.median(times)
+        base = 'resnet50' + ('+compile' if k.endswith('+compile') else '')  # eager against eager, compiled against compiled
+        out[k] = dict(inf=sec, throughput=batch / sec, ratio=_ratio(t, k, base))
     return out
 
 
@@ -223,7 +234,7 @@ def main(argv=None) -> int:
         print(f'{"network":24s} {"ms":>9s} {"img/s":>9s}')
         for k, r in res.items():
             print(f'{k:24s} {_fmt_ms(r["inf"])} {r["throughput"]:9.0f}')
-        ratios = {tag: res['resnet50_ema' + tag]['inf'] / res['resnet50' + tag]['inf'] for tag in ('', '+compile')}
+        ratios = {tag: res['resnet50_ema' + tag]['ratio'] for tag in ('', '+compile')}
         for tag, ratio in ratios.items():
             print(f'ratio resnet50_ema{tag}/resnet50{tag} inference: {ratio:.2f}')
         met = ratios['+compile'] <= TARGETS['gpu_throughput']
@@ -231,7 +242,8 @@ def main(argv=None) -> int:
         return 0
 
     batch = args.batch or (2 if args.quick else 8)
-    print(f'# CPU, {args.threads} threads, fp32 eager, batch {batch}, median of {repeats} interleaved repeats'
+    print(f'# CPU, {args.threads} threads, fp32 eager, batch {batch}, {repeats} interleaved rounds '
+          '(times: medians; ratios: medians of the per-round ratios)'
           + (' (QUICK: reduced shapes, numbers not meaningful)' if args.quick else ''))
     print('# EMA forward and backward: ' + ('compiled kernels (ema_hub/layers/ema_forward.c, ema_backward.c)'
                                            if native.available()
@@ -239,7 +251,7 @@ def main(argv=None) -> int:
     print('## layer: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
     print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} {"speedup":>8s}')
     for r in bench_layer(batch, repeats, args.quick, 'cpu', warmup):
-        si, st = r['inf_ref'] / r['inf_ema'], r['tr_ref'] / r['tr_ema']
+        si, st = r['inf_speedup'], r['tr_speedup']
         met[f'layer {r["shape"]} inference speedup >= 2x'] = si >= TARGETS['layer_speedup']
         met[f'layer {r["shape"]} train speedup >= 2x'] = st >= TARGETS['layer_speedup']
         print(f'{r["shape"]:14s} {_fmt_ms(r["inf_ref"])} {_fmt_ms(r["inf_ema"])} {si:7.2f}x '
