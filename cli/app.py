@@ -202,7 +202,7 @@ def classify(
     with _errors(debug):
         entries = _entries(paths)
         from ema_hub.engine import inference
-        from ema_hub.engine.output import Progress, RecordWriter, format_for_output
+        from ema_hub.engine.output import RecordWriter, format_for_output, progress_bar
 
         dev = _device(device)
         net = inference.load_model(model, weights, dev, channels_last)
@@ -210,8 +210,8 @@ def classify(
         failed = 0
         with _text_output(output) as stream:
             writer = RecordWriter(stream, fmt_name)
-            progress = Progress(len(entries))
-            interleaved = progress.enabled and output is None and sys.stdout.isatty()
+            progress = progress_bar(len(entries))
+            interleaved = not progress.disable and output is None and sys.stdout.isatty()
             try:
                 for record in inference.classify(
                         entries, net, top_k=top_k, batch_size=batch_size, workers=workers, device=dev, amp=amp,
@@ -258,7 +258,7 @@ def features(
             raise UsageFailure(f'--output must end in .npz or .safetensors, not {Path(output).name!r}')
         entries = _entries(paths)
         from ema_hub.engine import inference
-        from ema_hub.engine.output import FeatureWriter, Progress
+        from ema_hub.engine.output import FeatureWriter, progress_bar
 
         from ema_hub.engine import distributed as dist
 
@@ -272,7 +272,7 @@ def features(
         options = dict(batch_size=batch_size, workers=workers, device=dev, amp=amp, channels_last=channels_last)
         failed = 0
         share = len(dist.shard_indices(len(entries), place.rank, place.world_size)) if distributed else len(entries)
-        progress = Progress(share, enabled=None if is_main else False)
+        progress = progress_bar(share, enabled=None if is_main else False)
         try:
             if distributed:
                 batches = dist.gather_features(entries, net, progress=progress.update, **options)

@@ -5,6 +5,7 @@
 import io
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Dict, List
@@ -15,7 +16,7 @@ from PIL import Image
 
 from ema_hub.engine.images import DECODE_ERRORS, InputEntry, describe_error, iter_inputs, list_inputs, load_image, \
     to_rgb
-from ema_hub.engine.output import FeatureWriter, Progress, RecordWriter, format_for_output
+from ema_hub.engine.output import FeatureWriter, RecordWriter, format_for_output, progress_bar
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generated inputs
@@ -230,16 +231,18 @@ def test_record_formats() -> None:
     assert format_for_output(None, io.StringIO()) == 'jsonl'  # not a terminal
 
 
-def test_progress_only_on_a_terminal() -> None:
+def test_progress_only_on_a_terminal(monkeypatch) -> None:
     class Tty(io.StringIO):
         def isatty(self):
             return True
-    quiet, loud = io.StringIO(), Tty()
-    for stream in (quiet, loud):
-        bar = Progress(10, stream=stream, delay=0.0)
+    monkeypatch.delenv('HF_HUB_DISABLE_PROGRESS_BARS', raising=False)
+    quiet, loud, off = io.StringIO(), Tty(), Tty()
+    bars = [progress_bar(10, stream=quiet), progress_bar(10, stream=loud), progress_bar(10, stream=off, enabled=False)]
+    time.sleep(0.6)  # a bar first draws after half a second
+    for bar in bars:
         bar.update(10)
         bar.close()
-    assert quiet.getvalue() == '' and '10/10' in loud.getvalue()
+    assert quiet.getvalue() == '' and off.getvalue() == '' and '10/10' in loud.getvalue()
 
 
 @pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
@@ -266,7 +269,7 @@ def test_feature_writer_round_trip(tmp_path: Path, suffix: str) -> None:
 
 
 def test_feature_writer_empty_and_bad_suffix(tmp_path: Path) -> None:
-    with FeatureWriter(tmp_path / 'e.npz') as writer:
+    with FeatureWriter(tmp_path / 'e.npz'):
         pass
     with np.load(tmp_path / 'e.npz') as data:
         assert data['features'].shape == (0, 0) and data['paths'].shape == (0,)

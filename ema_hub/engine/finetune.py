@@ -38,7 +38,8 @@ from timm.scheduler import create_scheduler_v2
 
 from ..errors import DataError, TrainingStateError
 from . import distributed as dist_utils
-from .validate import ImageFolderDataset, _bar, default_workers, evaluate, make_loader, scan_image_folder
+from .output import progress_bar
+from .validate import ImageFolderDataset, default_workers, evaluate, make_loader, scan_image_folder
 
 __all__ = ['FinetuneConfig', 'finetune', 'check_data', 'CHECKPOINT_FILE', 'METRICS_FILE']
 
@@ -258,7 +259,8 @@ def _finetune(cfg, resume, progress, info, create_model, save_pretrained) -> Dic
         gen = torch.Generator().manual_seed(epoch_seed)
         loader = make_loader(train_set, cfg.batch_size, workers, sampler=sampler, generator=gen,
                              pin_memory=device.type == 'cuda')
-        bar = _bar(len(loader), f'epoch {epoch + 1}/{cfg.epochs}', progress and dist_utils.is_main())
+        bar = progress_bar(len(loader), f'epoch {epoch + 1}/{cfg.epochs}', 'batch',
+                           None if progress and dist_utils.is_main() else False)
         loss_sum, seen, step_skips = 0.0, 0, []
         for step, (images, targets, _, bad) in enumerate(loader):
             step_skips += bad
@@ -282,12 +284,11 @@ def _finetune(cfg, resume, progress, info, create_model, save_pretrained) -> Dic
             scheduler.step_update(num_updates + 1)
             loss_sum += loss.item() * len(targets)
             seen += len(targets)
-            if bar is not None:
+            if not bar.disable:
                 rate = seen * info.world_size / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f'loss {loss_sum / seen:.4f}, {rate:.0f} img/s', refresh=False)
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+        bar.close()
         scheduler.step(epoch + 1)
         for part in dist_utils.all_gather_objects(step_skips):
             skipped_train.update(train_set.samples[i][0] for i in part)

@@ -21,14 +21,13 @@ import os
 import struct
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
-__all__ = ['FORMATS', 'RecordWriter', 'format_for_output', 'Progress', 'FeatureWriter',
+__all__ = ['FORMATS', 'RecordWriter', 'format_for_output', 'progress_bar', 'FeatureWriter',
            'FEATURE_SUFFIXES']
 
 FORMATS = ('table', 'json', 'jsonl', 'csv')
@@ -99,47 +98,18 @@ def _table_block(record: Dict[str, object]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-class Progress:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal (quiet when piped)."""
+def progress_bar(total: int, desc: Optional[str] = None, unit: str = 'images', enabled: Optional[bool] = None,
+                 stream: Optional[TextIO] = None):
+    """The progress bar of every long loop here (classify, features, validate, fine-tune): huggingface_hub's
+    tqdm on stderr, so HF_HUB_DISABLE_PROGRESS_BARS=1 silences it as it does the Hub's downloads.
 
-    def __init__(self, total: int, stream: Optional[TextIO] = None, enabled: Optional[bool] = None,
-                 label: str = 'images', delay: float = 0.5):
-        self.stream = stream or sys.stderr
-        if enabled is None:
-            try:
-                enabled = self.stream.isatty()
-            except (AttributeError, ValueError):
-                enabled = False
-        self.total, self.enabled, self.label, self.delay = total, enabled, label, delay
-        self.done, self.start, self._shown, self._last = 0, time.monotonic(), False, 0.0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        # Long runs only: nothing for the first `delay` seconds, then at most ~10 redraws a second.
-        if not self.enabled or now - self.start < self.delay or (now - self._last < 0.1 and self.done < self.total):
-            return
-        self._last, self._shown = now, True
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        frac = self.done / self.total if self.total else 1.0
-        filled = int(24 * frac)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        self.stream.write(f'\r[{"#" * filled}{"." * (24 - filled)}] {self.done}/{self.total} {self.label} '
-                          f'{100 * frac:3.0f}%  {rate:5.1f}/s  eta {eta:4.0f}s ')
-        self.stream.flush()
-
-    def clear(self) -> None:
-        """Erase the bar (before other output goes to the same terminal); the next update redraws it."""
-        if self._shown:
-            self.stream.write('\r\x1b[K')
-            self.stream.flush()
-            self._last = 0.0
-
-    def close(self) -> None:
-        if self._shown:
-            self.stream.write('\n')
-            self.stream.flush()
+    ``enabled=None`` draws it only when the stream is a terminal (quiet when piped); it appears after half a
+    second (short runs print nothing) and is erased when closed. A disabled bar takes the same calls.
+    """
+    from huggingface_hub.utils import tqdm
+    disable = None if enabled is None else not enabled  # tqdm's None: off unless the stream is a terminal
+    return tqdm(total=total, desc=desc, unit=unit, file=stream or sys.stderr, disable=disable, delay=0.5,
+                leave=False, dynamic_ncols=True, mininterval=0.1)
 
 
 class FeatureWriter:

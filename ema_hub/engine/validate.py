@@ -7,7 +7,6 @@ by ``images.load_image`` at full size (EXIF orientation, every mode to RGB, alph
 scaled), as ``classify`` and ``features`` decode them. Unreadable images are skipped and counted, never fatal.
 """
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..errors import DataError, _names
 from . import distributed as dist_utils
 from .images import DECODE_ERRORS, is_image_file, load_image
 from .inference import available_cpus
+from .output import progress_bar
 
 __all__ = [
     'ImageFolderData', 'scan_image_folder', 'ImageFolderDataset', 'collate_skip', 'make_loader',
@@ -143,7 +143,7 @@ def evaluate(model: nn.Module, dataset: ImageFolderDataset, *, batch_size: int =
     num_classes = getattr(model, 'num_classes', None)
     counts = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, seen, loss sum
     skipped: List[int] = []
-    bar = _bar(len(loader), desc, progress and dist_utils.is_main())
+    bar = progress_bar(len(loader), desc, 'batch', None if progress and dist_utils.is_main() else False)
     criterion = nn.CrossEntropyLoss(reduction='sum')
     for images, targets, _, bad in loader:
         skipped += bad
@@ -157,10 +157,8 @@ def evaluate(model: nn.Module, dataset: ImageFolderDataset, *, batch_size: int =
             hit = top.eq(targets[:, None])
             counts += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), len(targets),
                                     criterion(logits, targets).item()], dtype=torch.float64)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     counts = dist_utils.all_reduce_sum(counts.to(device)).cpu()
     skipped = sorted(i for part in dist_utils.all_gather_objects(skipped) for i in part)
     seen = int(counts[2])
@@ -173,17 +171,6 @@ def evaluate(model: nn.Module, dataset: ImageFolderDataset, *, batch_size: int =
         'skipped_files': [dataset.samples[i][0] for i in skipped],
         'num_classes': num_classes,
     }
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with huggingface_hub
-        return None
-    return tqdm(total=total, desc=desc, unit='batch', file=sys.stderr, dynamic_ncols=True, leave=False,
-                mininterval=0.5)
 
 
 def _resolve_eval_root(root: Path) -> Path:
