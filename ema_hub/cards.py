@@ -319,7 +319,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
             '',
         ]
     else:
-        source = (f'stored in this repository, mapped from' if repo_id else
+        source = ('stored in this repository, mapped from' if repo_id else
                   'downloaded from the Hub when the model is created with `pretrained=True`:')
         lines += [
             f'- **Source:** {source} timm\'s [`{v.base_hub_id}`]({base_url}) (safetensors, license {_license(v)}).',
@@ -328,8 +328,8 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
             f'evaluation of this model. The warm start preserves the base\'s function exactly, so they hold here '
             f'too until the EMA layers are trained; fine-tuning changes them, and trained checkpoints report '
             f'their own.',
-            f'- **Training:** `gn` and `conv3x3` receive gradient from the first step, `conv1x1` once `gn`\'s '
-            f'weight leaves zero.',
+            '- **Training:** `gn` and `conv3x3` receive gradient from the first step, `conv1x1` once `gn`\'s '
+            'weight leaves zero.',
             '',
         ]
 

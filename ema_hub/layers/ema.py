@@ -137,24 +137,23 @@ def _runs_eagerly(x) -> bool:
     (vmap, grad: per-sample gradients) watching, no autocast."""
     if not isinstance(x, torch.Tensor):  # an FX proxy
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False
-    if torch._C._are_functorch_transforms_active():  # what torch.autograd.Function itself consults
-        return False
-    return not torch.is_autocast_enabled(x.device.type)
+    return not torch.compiler.is_compiling() and _unrecorded() and not torch.is_autocast_enabled(x.device.type)
 
 
 def _gpu_inference(x, params: List[torch.Tensor]) -> bool:
-    """Whether the Triton kernels take a forward that ``_runs_eagerly`` leaves to the traceable form: no
-    gradient wanted (the traceable form differentiates under autocast and torch.compile), no TorchScript trace
-    or export (they record PyTorch ops), no torch.func transform."""
-    if not isinstance(x, torch.Tensor) or not _gpu_kernels(x) or torch.jit.is_tracing():
+    """Whether the Triton kernels take a forward that ``_runs_eagerly`` leaves to the traceable form (under
+    torch.compile or autocast): no gradient wanted (the traceable form differentiates there), and outside
+    torch.compile nothing that records PyTorch ops (``_unrecorded``)."""
+    if not isinstance(x, torch.Tensor) or not _gpu_kernels(x) or _needs_grad(x, params):
         return False
-    # (Only outside torch.compile: inside, PyTorch 2.11's is_exporting() reads True while compiling.)
-    if not torch.compiler.is_compiling() and (torch.compiler.is_exporting()
-                                              or torch._C._are_functorch_transforms_active()):
-        return False
-    return not _needs_grad(x, params)
+    return torch.compiler.is_compiling() or _unrecorded()
+
+
+def _unrecorded() -> bool:
+    """No TorchScript trace, torch.export or torch.func transform records this call. Asked only outside
+    torch.compile: inside it, PyTorch 2.11's is_exporting() reads True."""
+    return not (torch.jit.is_tracing() or torch.compiler.is_exporting()
+                or torch._C._are_functorch_transforms_active())  # what torch.autograd.Function itself consults
 
 
 def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -183,7 +183,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
             if (xr - A->x + Wx <= x_size) {
                 v16 rv = {0};
                 for (long j0 = 0; j0 < Wx; j0 += 16) {
-                    const v16 xv = (v16)(*(const v16i *)(xr + j0) & *(const v16i *)(colmask + j0));
+                    const v16 xv = load_masked(xr + j0, colmask + j0);
                     *(v16 *)(xpr + j0) = xv;
                     *(v16 *)(colq + j0) += xv;
                     rv += xv;
@@ -240,8 +240,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
             const float ghi = gh[i];
             const long row = ch * XS + 1 + (i + 1) * Wp;
             for (long j0 = 0; j0 < Wq; j0 += 16) {
-                const v16i m = *(const v16i *)(rowmask + j0);
-                const v16 xv = (v16)(*(const v16i *)(xpad + row + j0) & m);
+                const v16 xv = load_masked(xpad + row + j0, rowmask + j0);
                 const v16 av = xv * ghi * *(const v16 *)(gwq + j0) - *(const v16 *)(shq + j0);
                 *(v16 *)(apad + row + j0) = av;
                 sv += av;

@@ -8,6 +8,12 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int v16i __attribute__((vector_size(64), aligned(4)));  /* lane masks for v16 */
 
+/* The 16 floats at p, with the lanes whose mask is 0 (not -1) read as 0.0f: a row's last vector without
+   whatever lies past the row's end. */
+static inline v16 load_masked(const float *p, const int *mask) {
+    return (v16)(*(const v16i *)p & *(const v16i *)mask);
+}
+
 /* The sum of a vector's lanes as a tree (a loop over its 16 lanes is a chain of 15 dependent adds). */
 static inline float hsum16(v16 v) {
     const float a0 = (v[0] + v[8]) + (v[4] + v[12]), a1 = (v[1] + v[9]) + (v[5] + v[13]);
