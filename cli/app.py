@@ -473,6 +473,41 @@ def convert(
                    f"renamed) for {summary['variant']} with {summary['num_classes']} classes")
 
 
+class BenchDevice(str, Enum):
+    cpu = 'cpu'
+    cuda = 'cuda'
+
+
+@app.command()
+def benchmark(
+        device: Annotated[BenchDevice, typer.Option(
+            '--device', help='cpu: fp32 eager, the layer and the networks; cuda: bf16 channels_last throughput, '
+                             'eager and torch.compile.')] = BenchDevice.cpu,
+        threads: Annotated[int, typer.Option('--threads', min=1, help='CPU threads (the targets are set for 2).')] = 2,
+        batch: Annotated[Optional[int], typer.Option(
+            '--batch', min=1, show_default=False, help='Batch size \[default: 8 on cpu (2 with --quick), 256 on '
+                                                       'cuda].')] = None,
+        repeats: Annotated[Optional[int], typer.Option(
+            '--repeats', min=1, show_default=False, help='Timed rounds per measurement \[default: 7, 1 with '
+                                                         '--quick].')] = None,
+        quick: Annotated[bool, typer.Option(
+            '--quick', help='Small shapes, one round: checks that it runs; the numbers mean nothing.')] = False,
+        debug: DebugOpt = False,
+) -> None:
+    """Time EMA against the paper's straightforward form, alone and in ResNet-50, and print the targets.
+
+    Each candidate runs interleaved with its baseline in one process; a ratio is the median of per-round ratios.
+    About a minute and a half on two CPU cores.
+    """
+    with _errors(debug):
+        from ema_hub import benchmark as bench
+
+        try:
+            bench.run(device.value, threads, batch, repeats, quick)
+        except ValueError as e:
+            raise UsageFailure(str(e)) from None
+
+
 def _register_training() -> None:
     from . import train
     train.register(app)

@@ -1,6 +1,7 @@
 """Speed and memory of the fast EMA layer against the paper's straightforward form, alone and in ResNet-50.
 
-Run ``python -m ema_hub.benchmark [--quick] [--threads 2] [--batch 8] [--repeats N] [--device cpu|cuda]``.
+Run ``ema-hub benchmark [--quick] [--threads 2] [--batch 8] [--repeats N] [--device cpu|cuda]`` (or
+``python -m ema_hub.benchmark`` with the same options).
 
 Everything runs in one process and the candidates are interleaved round-robin (each repeat times every
 candidate once, in turn, the order reversed every other round), so that load on a shared machine and one
@@ -31,7 +32,7 @@ import argparse
 import itertools
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -211,21 +212,22 @@ def _fmt_ms(sec: float) -> str:
     return f'{sec * 1e3:9.1f}'
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog='python -m ema_hub.benchmark', description=__doc__.split('\n')[0])
-    ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--batch', type=int, default=None, help='default 8 on CPU (2 with --quick), 256 on CUDA')
-    ap.add_argument('--repeats', type=int, default=None, help='timed rounds per measurement (default 7, 2 with --quick)')
-    ap.add_argument('--quick', action='store_true', help='small shapes and few repeats: checks that it runs')
-    ap.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 7)
-    warmup = 0 if args.quick else 1
-    met = {}
+def run(device: str = 'cpu', threads: int = 2, batch: Optional[int] = None, repeats: Optional[int] = None,
+        quick: bool = False) -> Dict[str, bool]:
+    """Measures and prints the tables; returns each target's name and whether this run met it.
 
-    if args.device == 'cuda':
-        batch = args.batch or 256
+    batch: 8 on CPU (2 with ``quick``), 256 on CUDA; repeats: timed rounds per measurement, 7 (1 with ``quick``).
+    ``quick`` shrinks the shapes to check that everything runs: its numbers mean nothing.
+    """
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('CUDA is not available on this machine: benchmark with --device cpu')
+    torch.set_num_threads(threads)
+    repeats = repeats or (1 if quick else 7)
+    warmup = 0 if quick else 1
+    met: Dict[str, bool] = {}
+
+    if device == 'cuda':
+        batch = batch or 256
         print(f'# CUDA {torch.cuda.get_device_name()}, bf16 autocast, channels_last, batch {batch}, median of {repeats}')
         kernels = ema_layer.ema_triton is not None
         print('# EMA forward: ' + ('Triton kernels (ema_hub/layers/ema_triton.py)' if kernels
@@ -237,30 +239,30 @@ def main(argv=None) -> int:
         ratios = {tag: res['resnet50_ema' + tag]['ratio'] for tag in ('', '+compile')}
         for tag, ratio in ratios.items():
             print(f'ratio resnet50_ema{tag}/resnet50{tag} inference: {ratio:.2f}')
-        met = ratios['+compile'] <= TARGETS['gpu_throughput']
-        print(f'{"MET    " if met else "NOT MET"} compiled throughput ratio <= 1.2')
-        return 0
+        met['compiled throughput ratio <= 1.2'] = ratios['+compile'] <= TARGETS['gpu_throughput']
+        _print_targets(met)
+        return met
 
-    batch = args.batch or (2 if args.quick else 8)
-    print(f'# CPU, {args.threads} threads, fp32 eager, batch {batch}, {repeats} interleaved rounds '
+    batch = batch or (2 if quick else 8)
+    print(f'# CPU, {threads} threads, fp32 eager, batch {batch}, {repeats} interleaved rounds '
           '(times: medians; ratios: medians of the per-round ratios)'
-          + (' (QUICK: reduced shapes, numbers not meaningful)' if args.quick else ''))
+          + (' (QUICK: reduced shapes, numbers not meaningful)' if quick else ''))
     print('# EMA forward and backward: ' + ('compiled kernels (ema_hub/layers/ema_forward.c, ema_backward.c)'
                                            if native.available()
                                            else 'PyTorch ops (the compiled kernels are off or did not build)'))
     print('## layer: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
     print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} {"speedup":>8s}')
-    for r in bench_layer(batch, repeats, args.quick, 'cpu', warmup):
+    for r in bench_layer(batch, repeats, quick, 'cpu', warmup):
         si, st = r['inf_speedup'], r['tr_speedup']
         met[f'layer {r["shape"]} inference speedup >= 2x'] = si >= TARGETS['layer_speedup']
         met[f'layer {r["shape"]} train speedup >= 2x'] = st >= TARGETS['layer_speedup']
         print(f'{r["shape"]:14s} {_fmt_ms(r["inf_ref"])} {_fmt_ms(r["inf_ema"])} {si:7.2f}x '
               f'{_fmt_ms(r["tr_ref"])} {_fmt_ms(r["tr_ema"])} {st:7.2f}x')
 
-    img = 32 if args.quick else 224
+    img = 32 if quick else 224
     print(f'## network: {img}x{img} (ms; peak = training peak MiB; saved = activation MiB autograd keeps for '
           'backward; ratio = network / resnet50, timed in pairs)')
-    net = bench_network_cpu(batch, repeats, img, args.threads, warmup)
+    net = bench_network_cpu(batch, repeats, img, threads, warmup)
     base = net['resnet50']
     print(f'{"network":14s} {"inference":>9s} {"ratio":>6s} {"train":>9s} {"ratio":>6s} {"peak MiB":>9s} {"ratio":>6s} '
           f'{"saved MiB":>9s} {"ratio":>6s}')
@@ -273,9 +275,28 @@ def main(argv=None) -> int:
     met['network inference ratio <= 1.15 (stretch)'] = ema['inf_ratio'] <= TARGETS['inference_stretch']
     met['network train-step ratio <= 1.35'] = ema['tr_ratio'] <= TARGETS['train']
     met['network training peak memory ratio <= 1.25'] = ema['peak'] / base['peak'] <= TARGETS['memory']
+    _print_targets(met)
+    return met
+
+
+def _print_targets(met: Dict[str, bool]) -> None:
     print('## targets')
     for name, ok in met.items():
         print(f'{"MET    " if ok else "NOT MET"} {name}')
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog='python -m ema_hub.benchmark', description=__doc__.split('\n')[0])
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--batch', type=int, default=None, help='default 8 on CPU (2 with --quick), 256 on CUDA')
+    ap.add_argument('--repeats', type=int, default=None, help='timed rounds per measurement (default 7, 1 with --quick)')
+    ap.add_argument('--quick', action='store_true', help='small shapes and few repeats: checks that it runs')
+    ap.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    args = ap.parse_args(argv)
+    try:
+        run(args.device, args.threads, args.batch, args.repeats, args.quick)
+    except ValueError as e:
+        ap.error(str(e))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Not for use in models (``ema_hub.EMA`` computes the same function much faster); it exists so the fast
 layer has an independent check (tests/test_ema_layer.py) and a baseline to be timed against
-(``python -m ema_hub.benchmark``).
+(``ema-hub benchmark``).
 
 Ouyang et al., "Efficient Multi-Scale Attention Module with Cross-Spatial Learning", ICASSP 2023,
 arXiv 2305.13563, section 3 and its released code. Every branch is computed in full (the C/G-wide

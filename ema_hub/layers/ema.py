@@ -31,7 +31,7 @@ Cost model (CPU): the layer is memory bound, a fresh full-size buffer costs page
 and some kernels are slow at these shapes (a one-output-channel conv2d through oneDNN, var_mean over H, W,
 broadcasts along a short innermost axis, indexing backward that zero-fills a full-size gradient); each
 choice below names its measurement. The straightforward form lives in ema_hub/reference.py (test oracle,
-benchmark baseline); ``python -m ema_hub.benchmark`` times them side by side.
+benchmark baseline); ``ema-hub benchmark`` times them side by side.
 """
 import functools
 import os
