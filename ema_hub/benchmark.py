@@ -51,7 +51,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str, warmup: int = 1) -> Dict[str, List[float]]:
+def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str,
+                 warmup: int = 1) -> Dict[str, List[float]]:
     """Seconds of each callable in each of ``repeats`` rounds, timing them round-robin after ``warmup`` rounds.
 
     The order alternates from round to round (A B C, C B A, ...): whatever one candidate leaves behind (a
@@ -144,9 +145,10 @@ def bench_layer(batch: int, repeats: int, quick: bool, device: str, warmup: int 
         grad = torch.randn_like(x)
         inf = _interleaved({'ref': _infer(ref, x), 'ema': _infer(fast, x)}, repeats, device, warmup)
         tr = _interleaved({'ref': _train_step(ref, x, grad), 'ema': _train_step(fast, x, grad)}, repeats, device, warmup)
-        rows.append(dict(shape=f'({ch},{s})', inf_ref=statistics.median(inf['ref']), inf_ema=statistics.median(inf['ema']),
-                         inf_speedup=_ratio(inf, 'ref', 'ema'), tr_ref=statistics.median(tr['ref']),
-                         tr_ema=statistics.median(tr['ema']), tr_speedup=_ratio(tr, 'ref', 'ema')))
+        rows.append(dict(shape=f'({ch},{s})', inf_ref=statistics.median(inf['ref']),
+                         inf_ema=statistics.median(inf['ema']), inf_speedup=_ratio(inf, 'ref', 'ema'),
+                         tr_ref=statistics.median(tr['ref']), tr_ema=statistics.median(tr['ema']),
+                         tr_speedup=_ratio(tr, 'ref', 'ema')))
     return rows
 
 
@@ -203,7 +205,8 @@ def bench_network_cuda(batch: int, repeats: int) -> Dict[str, dict]:
     t = _interleaved({k: run(m) for k, m in fns.items()}, repeats, 'cuda', warmup=3)
     for k, times in t.items():
         sec = statistics.median(times)
-        base = 'resnet50' + ('+compile' if k.endswith('+compile') else '')  # eager against eager, compiled against compiled
+        # eager against eager resnet50, compiled against compiled
+        base = 'resnet50' + ('+compile' if k.endswith('+compile') else '')
         out[k] = dict(inf=sec, throughput=batch / sec, ratio=_ratio(t, k, base))
     return out
 
