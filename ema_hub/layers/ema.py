@@ -513,7 +513,6 @@ class _EMAFunction(torch.autograd.Function):
         if native.supports(gx, params) and dy.dtype == torch.float32:
             dx, dk, dlogit, dbias, du, d_taps_mix = native.backward(
                 gx, dy.contiguous(), gate, gates, shift.view(n, c), [k, mu, var, rstd, s2], params, taps_e, taps_mix)
-            d_taps_mix = d_taps_mix.sum(0)
         else:
             dx, dk, dlogit, dbias, du, d_taps_mix = _backward_full_size(
                 gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, mu, var, rstd, taps_e, s2, params)

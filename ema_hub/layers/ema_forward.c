@@ -114,6 +114,7 @@ static int shared_init(const Args *A, Shared *S) {
    an in-bounds read and taps that cross a row's end land in the padding; the buffers read or written in whole
    vectors have 16 floats to spare at their end. */
 typedef struct {
+    long xs, zs;                     /* the strides: one channel of xpad (XS), one tap map of z (ZS) */
     float *xpad;                     /* channel ch's pixel (i, j) at [ch XS + 1 + (i + 1) Wp + j + 1] */
     float *apad;                     /* laid out as xpad */
     float *z;                        /* (9, ZS): step 5's tap maps, laid out as one channel of xpad */
@@ -128,6 +129,8 @@ typedef struct {
 /* Carves S out of base (NULL: only counts); returns its size in floats (an int takes a float's 4 bytes). */
 static long scratch_layout(long c, long h, long w, float *base, Scratch *S) {
     const long wp = w + 2, xs = (h + 2) * wp + 2, zs = (xs + 31) / 16 * 16;
+    S->xs = xs;
+    S->zs = zs;
     long used = 0;
     S->xpad = carve(base, &used, c * xs + 16);
     S->apad = carve(base, &used, c * xs + 16);
@@ -150,16 +153,16 @@ static long scratch_floats(long c, long h, long w) {
 }
 
 static void group_forward(const Args *A, const Shared *S, long g, float *scratch) {
-    const long c = A->c, H = A->h, W = A->w, P = H * W, L = H + W, Wp = W + 2, XS = (H + 2) * Wp + 2;
+    const long c = A->c, H = A->h, W = A->w, P = H * W, L = H + W, Wp = W + 2;
     const long cv = S->cv;
     const float *x = A->x + g * c * P;
     float *out = A->out + g * c * P;
     float *pooled = A->pooled + g * c * L;
     float *edges = A->edges + g * c * 9;
     float *gate = A->gate + g * P;
-    const long ZS = (XS + 31) / 16 * 16;
     Scratch T;
     scratch_layout(c, H, W, scratch, &T);
+    const long XS = T.xs, ZS = T.zs;
     float *xpad = T.xpad, *apad = T.apad, *z = T.z, *gates = T.gates, *acc = T.acc, *k = T.k, *s2 = T.s2;
     float *gwq = T.gwq, *shq = T.shq, *colq = T.colq;
     int *rowmask = T.rowmask, *colmask = T.colmask;

@@ -95,8 +95,9 @@ def backward(gx: torch.Tensor, dy: torch.Tensor, gate: torch.Tensor, gates: torc
     """The full-size part of ``_EMAFunction.backward`` on grouped ``gx`` and ``dy`` (n, c, H, W), contiguous fp32.
 
     Takes the gate (n, H, W), the gates (n, c, H + W), the shift (n, c), k, mu, var, rstd and s2 (n, c each,
-    ``per_channel``), taps_e (c, c, 9) and taps_mix (9, c). Returns the input gradient (n, c, H, W) and, per
-    group, dk and dlogit (n, c), dbias (n), the gates' gradient du (n, c, H + W) and taps_mix's (n, 9, c).
+    ``per_channel``), taps_e (c, c, 9) and taps_mix (9, c). Returns what ``ema._backward_full_size`` returns:
+    the input gradient (n, c, H, W), per group dk and dlogit (n, c), dbias (n) and the gates' gradient du
+    (n, c, H + W), and taps_mix's gradient summed over the batch (9, c).
     """
     n, c, h, w = gx.shape
     assert gx.is_contiguous() and dy.is_contiguous() and dy.shape == gx.shape
@@ -109,7 +110,7 @@ def backward(gx: torch.Tensor, dy: torch.Tensor, gate: torch.Tensor, gates: torc
                      n, c, h, w, torch.get_num_threads())
     if _library().ema_backward(ctypes.byref(args)):
         raise MemoryError('EMA: the native backward could not allocate its scratch memory')
-    return dx, dk, dlogit, dbias, du, dtaps
+    return dx, dk, dlogit, dbias, du, dtaps.sum(0)  # the kernel writes it per group: no sum across threads
 
 
 @functools.lru_cache(maxsize=None)
