@@ -5,19 +5,21 @@ answers at once. Exit codes: 0 success; 1 when any input failed or a weights/Hub
 ``error:`` line, no traceback unless ``--debug``); 2 for usage errors (bad options, an unknown model or
 tag, no images found in the given paths, a features output that is neither .npz nor .safetensors).
 """
-import contextlib
 import json
-import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Dict, Iterator, List, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 
-__all__ = ['app', 'classify_app', 'main', 'classify_main']
+from . import train
+from .common import (
+    CONTEXT, AmpOpt, BatchOpt, ChannelsLastOpt, DebugOpt, DeviceOpt, ModelOpt, PathsArg, WeightsOpt, WorkersOpt, errors,
+)
 
-_CONTEXT = {'help_option_names': ['-h', '--help']}
+__all__ = ['app', 'classify_app', 'main', 'classify_main']
 
 app = typer.Typer(
     name='ema-hub',
@@ -27,14 +29,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode='rich',
-    context_settings=_CONTEXT,
+    context_settings=CONTEXT,
 )
 classify_app = typer.Typer(
     name='ema-classify',
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode='rich',
-    context_settings=_CONTEXT,
+    context_settings=CONTEXT,
 )
 
 
@@ -50,121 +52,7 @@ class ListFormat(str, Enum):
     json = 'json'
 
 
-class UsageFailure(Exception):
-    """A usage error found after parsing (no images found, bad output suffix): exit 2."""
-
-
-_DEVICES = ('auto', 'cpu', 'cuda', 'mps')
-
-
-def _check_device(value: str) -> str:
-    if value in _DEVICES or (value.startswith('cuda:') and value[5:].isdigit()):
-        return value
-    raise typer.BadParameter(f'{value!r} is not one of auto, cpu, cuda, cuda:N, mps')
-
-
-# Options shared by classify and features.
-PathsArg = Annotated[List[str], typer.Argument(
-    metavar='PATH', show_default=False,
-    help='Image files, folders (searched recursively for image extensions), glob patterns, or - to read '
-         'paths from stdin.')]
-ModelOpt = Annotated[str, typer.Option(
-    '--model', '-m',
-    help='A variant (its default tag), variant.tag, hf-hub:<repo_id> or local-dir:<folder>. '
-         'See `ema-hub list`.')]
-WeightsOpt = Annotated[Optional[str], typer.Option(
-    '--weights', metavar='FILE', show_default=False,
-    help='A local .safetensors file to load instead of the pretrained weights (num_classes follows its head).')]
-BatchOpt = Annotated[Optional[int], typer.Option(
-    '--batch-size', '-b', min=1, show_default=False, help='Images per model batch \\[default: 64 on cuda, else 16].')]
-WorkersOpt = Annotated[Optional[int], typer.Option(
-    '--workers', '-j', min=0, show_default=False,
-    help='Decoding processes (0 decodes in the main process) \\[default: min(4, CPU count)].')]
-DeviceOpt = Annotated[str, typer.Option(
-    '--device', callback=_check_device, help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.')]
-AmpOpt = Annotated[bool, typer.Option(
-    '--amp', help='Mixed precision: float16 autocast on cuda/mps, bfloat16 on cpu.')]
-ChannelsLastOpt = Annotated[bool, typer.Option('--channels-last', help='Run the model in channels_last layout.')]
-DebugOpt = Annotated[bool, typer.Option('--debug', help='Show tracebacks of unexpected errors.')]
-
-
-def _is_ema_hub_error(error: BaseException) -> bool:
-    return any(cls.__name__ == 'EmaHubError' for cls in type(error).__mro__)
-
-
-def _one_line(text: str) -> str:
-    return ' '.join(str(text).split())
-
-
-def _die(message: str, code: int) -> None:
-    typer.echo(f'error: {_one_line(message)}', err=True)
-    raise typer.Exit(code)
-
-
-@contextlib.contextmanager
-def _errors(debug: bool = False) -> Iterator[None]:
-    """Expected failures as one ``error:`` line on stderr (exit 1, usage errors 2); tracebacks only with --debug."""
-    debug = debug or bool(os.environ.get('EMA_HUB_DEBUG'))
-    if not debug:
-        import warnings
-        warnings.filterwarnings('ignore', category=UserWarning)
-        warnings.filterwarnings('ignore', category=FutureWarning)
-        # huggingface_hub logs every retry of an unreachable Hub; the one-line error below says it all.
-        # It sets its own level from HF_HUB_VERBOSITY when imported, which happens later, inside the command.
-        os.environ.setdefault('HF_HUB_VERBOSITY', 'error')
-    try:
-        yield
-    except (typer.Exit, typer.Abort):
-        raise
-    except UsageFailure as e:
-        _die(str(e), 2)
-    except KeyboardInterrupt:
-        typer.echo('interrupted', err=True)
-        raise typer.Exit(130)
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1)
-    except Exception as e:  # anything else: one line, never a traceback unless asked
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            raise
-        if debug:
-            import traceback
-            traceback.print_exc()
-        if _is_ema_hub_error(e):
-            # an unknown model or tag is a bad option value: a usage error, like click's own
-            code = 2 if type(e).__name__ == 'UnknownModelError' else 1
-            _die(str(e).splitlines()[0] if str(e) else type(e).__name__, code)
-        if isinstance(e, OSError) and e.filename:
-            _die(f'{e.filename}: {e.strerror or e}', 1)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        hint = '' if debug else ' (run with --debug for the traceback)'
-        _die(f'{type(e).__name__}: {first[:300]}{hint}' if first else f'{type(e).__name__}{hint}', 1)
-
-
-def _entries(paths: List[str]):
-    from ema_hub.engine.images import IMAGE_EXTENSIONS, list_inputs
-
-    entries = list_inputs(paths)
-    if not entries:
-        where = ', '.join(paths)
-        raise UsageFailure(f'no images found in {where} (image extensions: '
-                           f'{", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))})')
-    return entries
-
-
-def _device(name: str):
-    from ema_hub.engine.inference import select_device
-
-    try:
-        return select_device(name)
-    except (ValueError, RuntimeError) as e:
-        raise UsageFailure(str(e)) from None
-
-
-@contextlib.contextmanager
+@contextmanager
 def _text_output(output: Optional[str]) -> Iterator:
     if output is None:
         yield sys.stdout
@@ -199,12 +87,13 @@ def classify(
     Exit code: 0 if every image was classified, 1 if any failed (or the weights could not be loaded),
     2 for usage errors (including an unknown model and no images found).
     """
-    with _errors(debug):
-        entries = _entries(paths)
+    with errors(debug):
         from ema_hub.engine import inference
+        from ema_hub.engine.images import require_inputs
         from ema_hub.engine.output import RecordWriter, format_for_output, progress_bar
 
-        dev = _device(device)
+        entries = require_inputs(paths)
+        dev = inference.select_device(device)
         net = inference.load_model(model, weights, dev, channels_last)
         fmt_name = fmt.value if fmt is not None else format_for_output(output, sys.stdout)
         failed = 0
@@ -253,49 +142,21 @@ def features(
     Images that cannot be read are left out of the file and reported on stderr; the exit code is then 1.
     Under torchrun each process embeds its share and rank 0 writes the file, rows in input order.
     """
-    with _errors(debug):
-        if Path(output).suffix.lower() not in ('.npz', '.safetensors'):
-            raise UsageFailure(f'--output must end in .npz or .safetensors, not {Path(output).name!r}')
-        entries = _entries(paths)
-        from ema_hub.engine import inference
-        from ema_hub.engine.output import FeatureWriter, progress_bar
+    with errors(debug):
+        from ema_hub.engine.features import extract_features
+        from ema_hub.engine.images import require_inputs
+        from ema_hub.engine.output import check_feature_output
 
-        from ema_hub.engine import distributed as dist
-
-        distributed = dist.launch_world_size() > 1
-        if distributed:  # under torchrun: every rank embeds its shard, rank 0 gathers and writes once
-            place = dist.init(None if device == 'auto' else device)
-            dev, is_main = place.device, place.is_main
-        else:
-            dev, is_main = _device(device), True
-        net = inference.load_model(model, weights, dev, channels_last)
-        options = dict(batch_size=batch_size, workers=workers, device=dev, amp=amp, channels_last=channels_last)
-        failed = 0
-        share = len(dist.shard_indices(len(entries), place.rank, place.world_size)) if distributed else len(entries)
-        progress = progress_bar(share, enabled=None if is_main else False)
-        try:
-            if distributed:
-                batches = dist.gather_features(entries, net, progress=progress.update, **options)
-            else:
-                batches = inference.iter_features(entries, net, progress=progress.update, set_threads=True, **options)
-            if not is_main:
-                for _ in batches:  # take part in the gathers; rank 0 writes
-                    pass
-                raise typer.Exit(0)
-            with FeatureWriter(output, metadata={'model': model}) as writer:
-                for batch in batches:
-                    writer.add(batch.paths, batch.features)
-                    for path, reason in batch.errors:
-                        progress.clear()
-                        typer.echo(f'error: {path}: {reason}', err=True)
-                        failed += 1
-        finally:
-            progress.close()
-            if distributed:
-                dist.cleanup()
-        typer.echo(f'wrote {len(writer.paths)} x {writer.dim or 0} features to {output}'
-                   + (f'; {failed} image(s) failed' if failed else ''), err=True)
-        raise typer.Exit(1 if failed else 0)
+        check_feature_output(output)
+        entries = require_inputs(paths)
+        summary = extract_features(
+            entries, model, output, weights=weights, device=device, batch_size=batch_size, workers=workers, amp=amp,
+            channels_last=channels_last, report=lambda path, reason: typer.echo(f'error: {path}: {reason}', err=True))
+        if summary is None:  # a torchrun rank that is not the writer
+            raise typer.Exit(0)
+        typer.echo(f'wrote {summary.rows} x {summary.dim} features to {output}'
+                   + (f'; {summary.failed} image(s) failed' if summary.failed else ''), err=True)
+        raise typer.Exit(1 if summary.failed else 0)
 
 
 @app.command('list')
@@ -304,19 +165,10 @@ def list_models(
         debug: DebugOpt = False,
 ) -> None:
     """The registered variants and their pretrained tags: params, GMACs, base accuracy, cached or not."""
-    with _errors(debug):
-        from ema_hub.hub import is_cached, pretrained_tags
-        from ema_hub.registry import VARIANTS
+    with errors(debug):
+        from ema_hub.hub import list_variants
 
-        rows = []
-        for name, variant in VARIANTS.items():
-            for i, tag in enumerate(pretrained_tags(name) or ['']):
-                spec = f'{name}.{tag}' if tag else name
-                rows.append({
-                    'model': spec, 'default': i == 0, 'base': variant.base, 'params_m': variant.params_m,
-                    'gmacs': variant.gmacs, 'base_top1': variant.base_top1,
-                    'cached': bool(tag) and _safe_cached(is_cached, spec),
-                })
+        rows = list_variants()
         if fmt == ListFormat.json:
             typer.echo(json.dumps(rows, indent=2))
             return
@@ -330,41 +182,6 @@ def list_models(
                                  for i, (c, w) in enumerate(zip(line, widths))).rstrip())
 
 
-def _safe_cached(is_cached, spec: str) -> bool:
-    try:
-        return bool(is_cached(spec))
-    except Exception:  # an odd cache layout must not break the listing
-        return False
-
-
-def _card_summary(text: str) -> str:
-    """The first paragraph of a model card's body (front matter, comments and headings skipped)."""
-    if text.startswith('---'):
-        end = text.find('\n---', 3)
-        text = text[end + 4:] if end >= 0 else text
-    paragraph: List[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped:
-            if paragraph:
-                break
-            continue
-        if stripped.startswith(('#', '<!--', '|')) and not paragraph:
-            continue
-        paragraph.append(stripped)
-    return ' '.join(paragraph)
-
-
-def _summarize_cfg(cfg: Dict[str, object]) -> Dict[str, object]:
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    names = cfg.pop('label_names', None)
-    cfg.pop('label_descriptions', None)
-    if names:
-        preview = list(names)[:3]
-        cfg['label_names'] = f'{len(names)} names ({", ".join(map(str, preview))}, ...)'
-    return cfg
-
-
 @app.command()
 def info(
         model: Annotated[str, typer.Argument(metavar='MODEL', help='A model spec, as for --model.')],
@@ -372,44 +189,24 @@ def info(
         debug: DebugOpt = False,
 ) -> None:
     """A model's pretrained cfg, its resolved data config (the eval preprocessing) and its card summary."""
-    with _errors(debug):
-        from timm.data import resolve_data_config
+    with errors(debug):
+        from ema_hub.hub import describe
 
-        from ema_hub.hub import create_model, is_cached
-        from ema_hub.registry import VARIANTS
-
-        net = create_model(model, pretrained=False)
-        cfg = dict(net.pretrained_cfg)
-        data = resolve_data_config({}, model=net)
-        variant = str(cfg.get('architecture', '')).split('.', 1)[0]
-        summary = ''
-        if model.startswith('local-dir:') and (Path(model[len('local-dir:'):]) / 'README.md').is_file():
-            summary = _card_summary((Path(model[len('local-dir:'):]) / 'README.md').read_text(encoding='utf-8'))
-        elif variant in VARIANTS:
-            from ema_hub.cards import render_card
-            tag = str(cfg.get('tag') or '')
-            weights = 'warm' if tag.startswith('warm_') or not model.startswith(('hf-hub:', 'local-dir:')) \
-                else 'trained'
-            repo_id = model[len('hf-hub:'):] if model.startswith('hf-hub:') else None
-            summary = _card_summary(render_card(variant, repo_id=repo_id, weights=weights))
-        cached = None if model.startswith('local-dir:') else _safe_cached(is_cached, model)
-        params = sum(p.numel() for p in net.parameters())
-        result = {'model': model, 'architecture': cfg.get('architecture'), 'num_classes': net.num_classes,
-                  'num_features': net.num_features, 'params_m': round(params / 1e6, 2), 'cached': cached,
-                  'pretrained_cfg': _summarize_cfg(cfg), 'data_config': data, 'card_summary': summary}
+        result = describe(model)
         if as_json:
             typer.echo(json.dumps(result, indent=2, default=str))
             return
+        cached = result['cached']
         cached_text = '' if cached is None else f", cached: {'yes' if cached else 'no'}"
-        typer.echo(f"{model}: {cfg.get('architecture')}, {net.num_classes} classes, {net.num_features} features, "
-                   f"{result['params_m']} M params{cached_text}")
+        typer.echo(f"{model}: {result['architecture']}, {result['num_classes']} classes, {result['num_features']} "
+                   f"features, {result['params_m']} M params{cached_text}")
         typer.echo('\npretrained cfg:')
         typer.echo(json.dumps(result['pretrained_cfg'], indent=2, default=str))
         typer.echo('\ndata config (eval transform):')
-        typer.echo(json.dumps(data, indent=2, default=str))
-        if summary:
+        typer.echo(json.dumps(result['data_config'], indent=2, default=str))
+        if result['card_summary']:
             typer.echo('\ncard:')
-            typer.echo(summary)
+            typer.echo(result['card_summary'])
 
 
 @app.command()
@@ -423,7 +220,7 @@ def download(
         debug: DebugOpt = False,
 ) -> None:
     """Prefetch a model's weights (then HF_HUB_OFFLINE=1 works), or export it as a folder."""
-    with _errors(debug):
+    with errors(debug):
         from ema_hub.hub import download as hub_download
 
         path = hub_download(model, to=to, force=force)
@@ -445,7 +242,7 @@ def publish(
         debug: DebugOpt = False,
 ) -> None:
     """Publish a model in timm's Hub layout (config.json, model.safetensors, model card)."""
-    with _errors(debug):
+    with errors(debug):
         from ema_hub.hub import publish as hub_publish
 
         target = model
@@ -465,7 +262,7 @@ def convert(
         debug: DebugOpt = False,
 ) -> None:
     """Convert a checkpoint of the paper's code to safetensors for a variant (keys renamed and checked)."""
-    with _errors(debug):
+    with errors(debug):
         from ema_hub.hub import convert_checkpoint
 
         summary = convert_checkpoint(checkpoint, variant, out)
@@ -499,21 +296,13 @@ def benchmark(
     Each candidate runs interleaved with its baseline in one process; a ratio is the median of per-round ratios.
     About a minute and a half on two CPU cores.
     """
-    with _errors(debug):
-        from ema_hub import benchmark as bench
+    with errors(debug):
+        from ema_hub_benchmarks import speed
 
-        try:
-            bench.run(device.value, threads, batch, repeats, quick)
-        except ValueError as e:
-            raise UsageFailure(str(e)) from None
+        speed.run(device.value, threads, batch, repeats, quick)
 
 
-def _register_training() -> None:
-    from . import train
-    train.register(app)
-
-
-_register_training()
+train.register(app)
 
 
 def main() -> None:

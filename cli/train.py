@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .common import DebugOpt, DeviceOpt, WorkersOpt, device_or_none, errors
+
 __all__ = ['register']
 
 
@@ -45,29 +47,23 @@ def finetune(
             '--pretrained/--no-pretrained', help='Start from the pretrained weights (else random init).')] = True,
         resume: Annotated[bool, typer.Option(
             '--resume', help='Continue an interrupted run in --output from its last completed epoch.')] = False,
-        workers: Annotated[Optional[int], typer.Option(
-            '--workers', '-j', min=0, show_default=False, help='DataLoader worker processes.')] = None,
+        workers: WorkersOpt = None,
         seed: Annotated[int, typer.Option('--seed', help='Random seed.')] = 42,
-        device: Annotated[Optional[str], typer.Option(
-            '--device', show_default=False, help='cpu or cuda \\[default: cuda when available].')] = None,
-        debug: Annotated[bool, typer.Option('--debug', help='Show tracebacks of unexpected errors.')] = False,
+        device: DeviceOpt = 'auto',
+        debug: DebugOpt = False,
 ) -> None:
     """Fine-tune a model on an ImageFolder; writes a loadable model folder with its val accuracy.
 
     Runs as is under `torchrun --nproc-per-node N` (DDP: gloo on CPU, NCCL on CUDA); rank 0 writes.
     """
-    from .app import _errors
-
-    with _errors(debug):
+    with errors(debug):
         from ema_hub.engine.distributed import launch_rank
         from ema_hub.engine.finetune import FinetuneConfig, finetune as run
 
-        if device == 'auto':
-            device = None
         cfg = FinetuneConfig(model=model, data=data, output=output, epochs=epochs, img_size=img_size,
                              batch_size=batch_size, lr=lr, opt=opt, weight_decay=weight_decay, hflip=hflip,
-                             scale_min=scale_min,
-                             pretrained=pretrained, seed=seed, workers=workers, device=device)
+                             scale_min=scale_min, pretrained=pretrained, seed=seed, workers=workers,
+                             device=device_or_none(device))
         metrics = run(cfg, resume=resume)
         if launch_rank() == 0:  # under torchrun, one line from rank 0
             typer.echo(json.dumps({k: metrics[k] for k in ('top1', 'top5', 'epochs', 'train_time_s',
@@ -85,22 +81,18 @@ def validate(
         batch_size: Annotated[int, typer.Option('--batch-size', '-b', min=1)] = 64,
         img_size: Annotated[Optional[int], typer.Option(
             '--img-size', min=8, show_default=False, help='Square input size \\[default: the model\'s].')] = None,
-        workers: Annotated[Optional[int], typer.Option('--workers', '-j', min=0, show_default=False)] = None,
-        device: Annotated[Optional[str], typer.Option(
-            '--device', show_default=False, help='cpu or cuda \\[default: cuda when available].')] = None,
-        debug: Annotated[bool, typer.Option('--debug', help='Show tracebacks of unexpected errors.')] = False,
+        workers: WorkersOpt = None,
+        device: DeviceOpt = 'auto',
+        debug: DebugOpt = False,
 ) -> None:
     """Top-1/top-5 accuracy (percent) on an ImageFolder, like timm's validate.py."""
-    from .app import _errors
-
-    with _errors(debug):
+    with errors(debug):
         from ema_hub.engine import distributed
         from ema_hub.engine.validate import format_result, validate as run
 
-        if device == 'auto':
-            device = None
         try:
-            result = run(model, data_dir, batch_size=batch_size, workers=workers, img_size=img_size, device=device)
+            result = run(model, data_dir, batch_size=batch_size, workers=workers, img_size=img_size,
+                         device=device_or_none(device))
         finally:
             is_main = distributed.is_main()
             distributed.cleanup()

@@ -28,8 +28,9 @@ from timm.models import get_pretrained_cfg
 from . import models as _models  # noqa: F401  (registers the variants with timm)
 from .layers import EMA
 from .registry import EMA_FACTOR, FAMILIES, Variant, VARIANTS, get_variant
+from .specs import HF_HUB, parse_spec
 
-__all__ = ['render_card', 'write_cards', 'check_cards', 'CARD_TAGS', 'PAPER_URL']
+__all__ = ['render_card', 'card_summary', 'write_cards', 'check_cards', 'CARD_TAGS', 'PAPER_URL']
 
 PAPER_URL = 'https://arxiv.org/abs/2305.13563'
 TIMM_URL = 'https://github.com/huggingface/pytorch-image-models'
@@ -118,7 +119,7 @@ class _Init:
 
     @property
     def hub_repo(self) -> Optional[str]:
-        return self.spec[len('hf-hub:'):] if self.spec.startswith('hf-hub:') else None
+        return parse_spec(self.spec).repo_id
 
 
 def _init_of(v: Variant, metrics: Optional[Mapping[str, object]]) -> _Init:
@@ -221,6 +222,73 @@ def _create(ref: str, args: str = '', local: Optional[int] = None) -> str:
     return f"timm.create_model('{ref}', pretrained=True, {overlay}{args})"
 
 
+@dataclass(frozen=True)
+class _Weights:
+    """What a card says that depends on its weights, a warm start or a trained checkpoint (decided in render_card)."""
+    title: str
+    ref: str                # the spec the usage examples load
+    local: Optional[int]    # a trained checkpoint file of this many classes (no Hub repo to load it from), or None
+    num_classes: int
+    intro: str              # the intro's second sentence
+    classes_note: str       # after the class count
+    accuracy: List[str]     # the "Weights and accuracy" bullets
+
+
+def _warm_weights(v: Variant, repo_id: Optional[str]) -> _Weights:
+    cfg = _base_cfg(v)
+    warm_name = f'{v.name}.{v.warm_tag}'
+    base_url = f'https://huggingface.co/{v.base_hub_id}'
+    source = ('stored in this repository, mapped from' if repo_id else
+              'downloaded from the Hub when the model is created with `pretrained=True`:')
+    return _Weights(
+        title=repo_id or warm_name,
+        ref=f'{HF_HUB}{repo_id}' if repo_id else warm_name,
+        local=None,
+        num_classes=cfg.num_classes,
+        intro=(f'These weights are a warm start: timm\'s ImageNet-1k checkpoint [`{v.base_hub_id}`]({base_url}) '
+               f'mapped into the EMA architecture so that the model computes exactly the base\'s function. '
+               f'They are a starting point for fine-tuning: the EMA layers are not trained yet.'),
+        classes_note=' (ImageNet-1k)',
+        accuracy=[
+            f'- **Source:** {source} timm\'s [`{v.base_hub_id}`]({base_url}) (safetensors, license {_license(v)}).',
+            f'- **Warm-start mapping:** {_fold_words(v)}',
+            f'- **Accuracy:** {_base_accuracy(v)}: timm\'s published results for the base model, not a separate '
+            f'evaluation of this model. The warm start preserves the base\'s function exactly, so they hold here '
+            f'too until the EMA layers are trained; fine-tuning changes them, and trained checkpoints report '
+            f'their own.',
+            '- **Training:** `gn` and `conv3x3` receive gradient from the first step, `conv1x1` once `gn`\'s '
+            'weight leaves zero.',
+        ],
+    )
+
+
+def _trained_weights(v: Variant, repo_id: Optional[str], metrics: Dict[str, object], init: _Init) -> _Weights:
+    num_classes = int(metrics['num_classes'])
+    split = f', {metrics["split"]} split' if metrics.get('split') is not None else ''
+    top5 = f', top-5 **{float(metrics["top5"]):.2f} %**' if metrics.get('top5') is not None else ''
+    return _Weights(
+        title=repo_id or f'{v.name} ({metrics["dataset"]})',
+        ref=f'{HF_HUB}{repo_id}' if repo_id else v.name,
+        local=None if repo_id else num_classes,
+        num_classes=num_classes,
+        intro=(f'This checkpoint was trained on `{metrics["dataset"]}` ({num_classes} classes), starting from '
+               f'{_init_words(init)}.'),
+        classes_note='',
+        accuracy=[
+            f'- **Accuracy:** top-1 **{float(metrics["top1"]):.2f} %**{top5} on `{metrics["dataset"]}`{split}, '
+            f'measured on this checkpoint.',
+            f'- **Initialisation:** {_init_bullet(init)}',
+            f'- **Base reference:** `{v.base_hub_id}` has {_base_accuracy(v)}, timm\'s published result.',
+        ],
+    )
+
+
+def _base_accuracy(v: Variant) -> str:
+    cfg = _base_cfg(v)
+    return (f'ImageNet-1k top-1 **{v.base_top1:.3f} %**, top-5 **{v.base_top5:.3f} %** at '
+            f'{_size(cfg.input_size)} (crop {cfg.crop_pct:g})')
+
+
 def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: str = 'warm',
                 metrics: Optional[Mapping[str, object]] = None) -> str:
     """The model card (Markdown with Hub front matter) of ``variant_name``.
@@ -239,36 +307,23 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
     v = get_variant(variant_name)
     metrics = _check_metrics(weights, metrics)
     init = _init_of(v, metrics)
-    trained = metrics is not None
-    cfg = _base_cfg(v)
-    s = _structure(v.name)
-    warm_name = f'{v.name}.{v.warm_tag}'
-    base_url = f'https://huggingface.co/{v.base_hub_id}'
-    num_classes = int(metrics['num_classes']) if trained else cfg.num_classes
-
-    if repo_id:
-        ref, local = f'hf-hub:{repo_id}', None
-    elif trained:
-        ref, local = v.name, num_classes
-    else:
-        ref, local = warm_name, None
-    title = repo_id or (f'{v.name} ({metrics["dataset"]})' if trained else warm_name)
-
-    lines: List[str] = [GENERATED_MARK, '', f'# {title}', '']
+    w = _warm_weights(v, repo_id) if metrics is None else _trained_weights(v, repo_id, metrics, init)
     intro = (f'`{v.name}`: timm\'s `{v.base}` with EMA, the Efficient Multi-Scale Attention module of Ouyang '
              f'et al. (ICASSP 2023, [arXiv 2305.13563]({PAPER_URL})), in every {_BLOCK_WORDS[v.family]}. ')
-    if trained:
-        intro += (f'This checkpoint was trained on `{metrics["dataset"]}` ({num_classes} classes), starting from '
-                  f'{_init_words(init)}.')
-    else:
-        intro += (f'These weights are a warm start: timm\'s ImageNet-1k checkpoint [`{v.base_hub_id}`]({base_url}) '
-                  f'mapped into the EMA architecture so that the model computes exactly the base\'s function. '
-                  f'They are a starting point for fine-tuning: the EMA layers are not trained yet.')
-    lines += [intro, '']
+    lines = [GENERATED_MARK, '', f'# {w.title}', '', intro + w.intro, '']
+    lines += _ema_section(v) + _details_section(v, w) + ['## Weights and accuracy', ''] + w.accuracy + ['']
+    lines += _usage_section(v, w) + _citation_section(v)
+    data = _front_matter(v, w.title, metrics, init)
+    order = ['license', 'library_name', 'pipeline_tag', 'tags', 'datasets', 'base_model', 'model-index']
+    body = '\n'.join(lines)
+    return str(ModelCard(f'---\n{data.to_yaml(original_order=order)}\n---\n\n{body}'))
 
-    # What EMA is and where it sits.
+
+def _ema_section(v: Variant) -> List[str]:
+    """What EMA is and where it sits."""
+    s = _structure(v.name)
     groups = ', '.join(f'{c} → {g} x {c // g} ({n})' for c, g, n in s.ema_widths)
-    lines += [
+    return [
         '## EMA',
         '',
         'EMA folds groups of channels into the batch dimension and learns attention per group in two parallel '
@@ -285,8 +340,11 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
         '',
     ]
 
-    # Size against the base.
-    lines += [
+
+def _details_section(v: Variant, w: _Weights) -> List[str]:
+    """Size against the base, classes, input size, features."""
+    cfg, s = _base_cfg(v), _structure(v.name)
+    return [
         '## Model details',
         '',
         f'| | `{v.name}` | `{v.base}` (base) | difference |',
@@ -294,7 +352,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
         f'| Params (M) | {v.params_m:.2f} | {v.base_params_m:.2f} | {_delta(v.params_m, v.base_params_m)} |',
         f'| GMACs at 224x224 | {v.gmacs:.2f} | {v.base_gmacs:.2f} | {_delta(v.gmacs, v.base_gmacs)} |',
         '',
-        f'- **Classes:** {num_classes}' + ('' if trained else ' (ImageNet-1k)') + '.',
+        f'- **Classes:** {w.num_classes}{w.classes_note}.',
         f'- **Image size:** {_size(cfg.input_size)}'
         + (f', test {_size(cfg.test_input_size)}' if getattr(cfg, 'test_input_size', None) else '')
         + ' (the base\'s pretrained cfg).',
@@ -303,38 +361,11 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
         '',
     ]
 
-    # Weights and accuracy.
-    fold = _fold_words(v)
-    base_acc = (f'ImageNet-1k top-1 **{v.base_top1:.3f} %**, top-5 **{v.base_top5:.3f} %** at '
-                f'{_size(cfg.input_size)} (crop {cfg.crop_pct:g})')
-    lines += ['## Weights and accuracy', '']
-    if trained:
-        split = f', {metrics["split"]} split' if metrics.get('split') is not None else ''
-        top5 = f', top-5 **{float(metrics["top5"]):.2f} %**' if metrics.get('top5') is not None else ''
-        lines += [
-            f'- **Accuracy:** top-1 **{float(metrics["top1"]):.2f} %**{top5} on `{metrics["dataset"]}`{split}, '
-            f'measured on this checkpoint.',
-            f'- **Initialisation:** {_init_bullet(init)}',
-            f'- **Base reference:** `{v.base_hub_id}` has {base_acc}, timm\'s published result.',
-            '',
-        ]
-    else:
-        source = ('stored in this repository, mapped from' if repo_id else
-                  'downloaded from the Hub when the model is created with `pretrained=True`:')
-        lines += [
-            f'- **Source:** {source} timm\'s [`{v.base_hub_id}`]({base_url}) (safetensors, license {_license(v)}).',
-            f'- **Warm-start mapping:** {fold}',
-            f'- **Accuracy:** {base_acc}: timm\'s published results for the base model, not a separate '
-            f'evaluation of this model. The warm start preserves the base\'s function exactly, so they hold here '
-            f'too until the EMA layers are trained; fine-tuning changes them, and trained checkpoints report '
-            f'their own.',
-            '- **Training:** `gn` and `conv3x3` receive gradient from the first step, `conv1x1` once `gn`\'s '
-            'weight leaves zero.',
-            '',
-        ]
 
-    # Usage.
-    lines += [
+def _usage_section(v: Variant, w: _Weights) -> List[str]:
+    """Classification, features and fine-tuning examples that load the card's weights."""
+    s, ref, local = _structure(v.name), w.ref, w.local
+    lines = [
         '## Usage',
         '',
         '### Classification',
@@ -384,30 +415,46 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
     ]
     if local is None:
         lines += ['```bash', f'ema-hub finetune {ref} DATA --output DIR', '```', '']
+    return lines
 
-    # Citation.
+
+def _citation_section(v: Variant) -> List[str]:
+    cfg = _base_cfg(v)
     paper = ''
     if getattr(cfg, 'paper_ids', None):
         ids = [p.strip() for p in str(cfg.paper_ids).split(',') if p.strip()]
         links = [f'[{p}](https://arxiv.org/abs/{p.split(":", 1)[1]})' if p.lower().startswith('arxiv:') else p
                  for p in ids]
         paper = f' (paper: {", ".join(links)})'
-    lines += [
+    return [
         '## Citation',
         '',
         '```bibtex',
         _CITATION,
         '```',
         '',
-        f'Base weights: cite as on [`{v.base_hub_id}`]({base_url}){paper} and [timm]({TIMM_URL}).',
+        f'Base weights: cite as on [`{v.base_hub_id}`](https://huggingface.co/{v.base_hub_id}){paper} and '
+        f'[timm]({TIMM_URL}).',
         '',
     ]
 
-    data = _front_matter(v, title, metrics, init)
-    order = ['license', 'library_name', 'pipeline_tag', 'tags', 'datasets', 'base_model', 'model-index']
-    body = '\n'.join(lines)
-    card = ModelCard(f'---\n{data.to_yaml(original_order=order)}\n---\n\n{body}')
-    return str(card)
+
+def card_summary(text: str) -> str:
+    """The first paragraph of a model card's body (front matter, comments and headings skipped)."""
+    if text.startswith('---'):
+        end = text.find('\n---', 3)
+        text = text[end + 4:] if end >= 0 else text
+    paragraph: List[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            if paragraph:
+                break
+            continue
+        if stripped.startswith(('#', '<!--', '|')) and not paragraph:
+            continue
+        paragraph.append(stripped)
+    return ' '.join(paragraph)
 
 
 def _card_path(out_dir: Path, name: str) -> Path:

@@ -1,20 +1,30 @@
-"""Exceptions callers can catch. Each message is one line that names the problem and the fix; the CLI prints it as is."""
+"""Exceptions callers can catch. Each message is one line that names the problem and the fix; the CLI prints it as is.
+
+``exit_code`` says what the CLI exits with: 2 for a usage error (a request that cannot succeed whatever the
+weights or data: an unknown model, no images given), 1 for every other failure.
+"""
 
 __all__ = [
-    'EmaHubError', 'WeightsUnavailableError', 'UnknownModelError', 'CorruptWeightsError', 'ShapeMismatchError',
-    'CheckpointKeysError', 'DataError', 'TrainingStateError',
+    'EmaHubError', 'UsageError', 'WeightsUnavailableError', 'UnknownModelError', 'CorruptWeightsError',
+    'ShapeMismatchError', 'CheckpointKeysError', 'DataError', 'TrainingStateError',
 ]
 
 
 class EmaHubError(Exception):
     """Base class of ema-hub's errors."""
+    exit_code = 1
+
+
+class UsageError(EmaHubError, ValueError):
+    """A request that cannot succeed as given: no images in the given paths, an output suffix no writer takes."""
+    exit_code = 2
 
 
 class WeightsUnavailableError(EmaHubError, OSError):
     """Weights could not be fetched: no network, unknown repo, missing file, or offline with a cold cache."""
 
 
-class UnknownModelError(EmaHubError, ValueError):
+class UnknownModelError(UsageError):
     """An unknown variant or pretrained tag; the message lists the valid ones."""
 
 

@@ -9,7 +9,7 @@ import contextlib
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import safetensors.torch
@@ -23,18 +23,17 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 from torch import nn
 
-from .errors import CheckpointKeysError, CorruptWeightsError, ShapeMismatchError, UnknownModelError, \
-    WeightsUnavailableError
-from .pretrained import checkpoint_filter_fn
-from .registry import VARIANTS
+from .cards import card_summary, render_card
+from .errors import CorruptWeightsError, UnknownModelError, WeightsUnavailableError
+from .pretrained import as_variant_state, check_state_dict
+from .registry import VARIANTS, get_variant
+from .specs import HF_HUB, PathLike, parse_spec
 
 __all__ = [
     'create_model', 'resolve_model', 'pretrained_tags', 'weights_location', 'is_cached', 'download', 'load_weights',
-    'save_pretrained', 'publish', 'convert_checkpoint', 'class_labels',
+    'save_pretrained', 'publish', 'convert_checkpoint', 'class_labels', 'label_names', 'list_variants', 'describe',
 ]
 
-PathLike = Union[str, Path]
-_PREFIXES = ('hf-hub:', 'local-dir:')
 # Files a published checkpoint consists of (timm's Hub layout plus its card).
 _CHECKPOINT_FILES = ['config.json', 'model.safetensors', 'README.md']
 _WEIGHTS_FILE = 'model.safetensors'
@@ -47,24 +46,23 @@ def pretrained_tags(variant: str) -> List[str]:
 
 def resolve_model(model: str) -> str:
     """Check a model spec and return it; UnknownModelError lists the valid variants or tags."""
-    if model.startswith(_PREFIXES):
+    spec = parse_spec(model)
+    if spec.is_checkpoint:
         return model
-    name, _, tag = model.partition('.')
-    if name not in VARIANTS:
+    get_variant(model)
+    if spec.tag and spec.tag not in pretrained_tags(spec.name):
         raise UnknownModelError(
-            f'unknown model {model!r}; use one of {", ".join(VARIANTS)}, or hf-hub:<repo_id>, or local-dir:<folder>')
-    if tag and tag not in pretrained_tags(name):
-        raise UnknownModelError(f'unknown tag {tag!r} for {name}; valid tags: {", ".join(pretrained_tags(name))}')
+            f'unknown tag {spec.tag!r} for {spec.name}; valid tags: {", ".join(pretrained_tags(spec.name))}')
     return model
 
 
 def weights_location(model: str) -> Tuple[str, str]:
     """(repo_id, filename) of the weights file that ``create_model(model, pretrained=True)`` downloads."""
-    model = resolve_model(model)
-    if model.startswith('local-dir:'):
+    spec = parse_spec(resolve_model(model))
+    if spec.folder is not None:
         raise UnknownModelError(f'{model} is a local folder, not a Hub checkpoint; use its path directly')
-    if model.startswith('hf-hub:'):
-        return model[len('hf-hub:'):], _WEIGHTS_FILE
+    if spec.repo_id is not None:
+        return spec.repo_id, _WEIGHTS_FILE
     cfg = timm.models.get_pretrained_cfg(model)
     return cfg.hf_hub_id, cfg.hf_hub_filename or _WEIGHTS_FILE
 
@@ -72,20 +70,20 @@ def weights_location(model: str) -> Tuple[str, str]:
 def is_cached(model: str) -> bool:
     """Whether the model's weights are in the local Hugging Face cache (so HF_HUB_OFFLINE=1 can load them)."""
     repo_id, filename = weights_location(model)
-    names = [filename, 'config.json'] if model.startswith('hf-hub:') else [filename]
+    names = [filename, 'config.json'] if parse_spec(model).repo_id else [filename]
     return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in names)
 
 
 @contextlib.contextmanager
 def _hub_errors(model: str) -> Iterator[None]:
-    """Turn huggingface_hub, safetensors and load_state_dict failures into one-line errors that say what to do."""
+    """Turn huggingface_hub and safetensors failures into one-line errors that say what to do."""
     where = f'the Hub at {constants.ENDPOINT}'
     try:
         yield
-    except RepositoryNotFoundError as e:
+    except RepositoryNotFoundError:
         raise WeightsUnavailableError(
-            f'{model}: repository {_repo_of(e)} not found on {where}; check the repo id, set HF_ENDPOINT to a mirror '
-            f'that has it, or pass a local weights file') from None
+            f'{model}: repository {_repo_of(model)} not found on {where}; check the repo id, set HF_ENDPOINT to a '
+            f'mirror that has it, or pass a local weights file') from None
     except RevisionNotFoundError:
         raise WeightsUnavailableError(f'{model}: revision not found on {where}; check the revision') from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
@@ -106,40 +104,18 @@ def _hub_errors(model: str) -> Iterator[None]:
         raise CorruptWeightsError(
             f'{model}: the weights file is truncated or corrupted ({e}); download it again with '
             f'`ema-hub download {model} --force`') from None
-    except RuntimeError as e:
-        raise _load_error(e, model) or e
 
 
-def _repo_of(error: Exception) -> str:
-    match = re.search(r'/api/models/([^/\s]+/[^/\s]+)|/([^/\s]+/[^/\s]+)/resolve/', str(error))
-    return next((g for g in match.groups() if g), 'the repository') if match else 'the repository'
+def _repo_of(model: str) -> str:
+    """The Hub repository a spec's weights come from."""
+    spec = parse_spec(model)
+    return spec.repo_id if spec.repo_id is not None else weights_location(model)[0]
 
 
 def _file_of(error: Exception) -> str:
-    match = re.search(r'/resolve/[^/\s]+/(\S+)', str(error))
-    return match.group(1).rstrip('.') if match else 'a file'
-
-
-_SIZE_MISMATCH = re.compile(r'size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) '
-                            r'from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)')
-
-
-_KEYS = {kind: re.compile(kind + r' key\(s\) in state_dict: ((?:"[^"]+"(?:, )?)+)') for kind in ('Unexpected', 'Missing')}
-
-
-def _load_error(error: RuntimeError, source: str) -> Optional[Exception]:
-    """The specific error behind torch's load_state_dict RuntimeError, if it is one."""
-    text = str(error)
-    match = _SIZE_MISMATCH.search(text)
-    if match:
-        def shape(dims):
-            return tuple(int(d) for d in dims.split(',') if d.strip())
-        return ShapeMismatchError(match.group(1), shape(match.group(2)), shape(match.group(3)), source)
-    keys = {kind: re.findall(r'"([^"]+)"', m.group(1)) for kind, rx in _KEYS.items() if (m := rx.search(text))}
-    if keys:
-        arch = source.split('.', 1)[0]
-        return CheckpointKeysError(source, arch, keys.get('Unexpected', ()), keys.get('Missing', ()))
-    return None
+    """The file a failed Hub request asked for: the last part of the request's URL."""
+    url = getattr(getattr(error, 'response', None), 'url', None)
+    return PurePosixPath(str(getattr(url, 'path', ''))).name or 'a file'
 
 
 def create_model(
@@ -158,8 +134,8 @@ def create_model(
             num_classes is given, the model gets the file's classifier size.
         **kwargs: timm.create_model arguments (num_classes, in_chans, features_only, ...).
     """
-    model = resolve_model(model)
-    if model.startswith('local-dir:') and not Path(model[len('local-dir:'):]).is_dir():
+    spec = parse_spec(resolve_model(model))
+    if spec.folder is not None and not spec.folder.is_dir():
         raise WeightsUnavailableError(f'{model}: no such folder; give a folder holding config.json and '
                                       f'model.safetensors (as written by `ema-hub download --to` or publish)')
     if weights is not None:
@@ -179,8 +155,8 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
 
 
 def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> nn.Module:
-    state = checkpoint_filter_fn(state, model)
-    _check_state_dict(state, model, source)
+    state = as_variant_state(state, model)
+    check_state_dict(state, model, source)
     model.load_state_dict(state)
     return model
 
@@ -191,10 +167,11 @@ _CLASSIFIERS = ('fc', 'classifier', 'head.fc', 'head')
 
 def _head_size(state: Dict[str, torch.Tensor], model: str) -> Optional[int]:
     """The number of classes a state dict's classifier has, if it has one."""
-    if model.startswith(_PREFIXES):
+    spec = parse_spec(model)
+    if spec.is_checkpoint:
         names = _CLASSIFIERS
     else:
-        names = (timm.models.get_pretrained_cfg(model.split('.', 1)[0]).classifier or 'fc',)
+        names = (timm.models.get_pretrained_cfg(spec.name).classifier or 'fc',)
     head = next((state[f'{n}.weight'] for n in names if f'{n}.weight' in state), None)
     return int(head.shape[0]) if head is not None else None
 
@@ -208,20 +185,6 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         hint = ('convert it first with `ema-hub convert`' if path.suffix in ('.pth', '.pt', '.bin', '.ckpt')
                 else 'it is truncated or corrupted: export or download it again')
         raise CorruptWeightsError(f'{path} is not a valid safetensors file ({e}); {hint}') from None
-
-
-def _check_state_dict(state: Dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Raise ShapeMismatchError for the first tensor that does not fit, CheckpointKeysError for unknown/missing keys."""
-    expected = model.state_dict()
-    for key, tensor in expected.items():  # in model order, so "first" means first in the network
-        if key in state and state[key].shape != tensor.shape:
-            raise ShapeMismatchError(key, state[key].shape, tensor.shape, source)
-    unknown = set(state) - set(expected)
-    # BatchNorm's step counters carry no weights; checkpoints often leave them out.
-    missing = {k for k in set(expected) - set(state) if not k.endswith('num_batches_tracked')}
-    if unknown or missing:
-        arch = getattr(model, 'pretrained_cfg', {}).get('architecture', 'the model')
-        raise CheckpointKeysError(source, arch, unknown, missing)
 
 
 def label_names(model: nn.Module) -> Optional[List[str]]:
@@ -247,18 +210,18 @@ def download(model: str, to: Optional[PathLike] = None, force: bool = False) -> 
     With ``to``, the folder holds the model in timm's Hub layout (config.json, model.safetensors, README.md):
     warm tags are mapped first, so ``timm.create_model('local-dir:<to>')`` gives the tag's model offline.
     """
-    model = resolve_model(model)
+    spec = parse_spec(resolve_model(model))
     if to is not None:
-        if model.startswith('hf-hub:'):
+        if spec.repo_id is not None:
             with _hub_errors(model):
-                return Path(snapshot_download(model[len('hf-hub:'):], allow_patterns=_CHECKPOINT_FILES,
-                                              local_dir=to, force_download=force))
-        if force and not model.startswith('local-dir:'):
+                return Path(snapshot_download(spec.repo_id, allow_patterns=_CHECKPOINT_FILES, local_dir=to,
+                                              force_download=force))
+        if force and spec.folder is None:
             download(model, force=True)
         return save_pretrained(create_model(model), to)
     repo_id, filename = weights_location(model)
     with _hub_errors(model):
-        if model.startswith('hf-hub:'):
+        if spec.repo_id is not None:
             return Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES, force_download=force))
         return Path(hf_hub_download(repo_id, filename, force_download=force))
 
@@ -276,8 +239,6 @@ def save_pretrained(
     ``data_config`` (input_size, interpolation, crop_pct, mean, std) and ``label_names`` (one per class) go
     into config.json, replacing those of the model's pretrained cfg.
     """
-    from .cards import render_card  # the card needs the registry only; imported here to keep import light
-
     folder = Path(folder)
     model_config = {'label_names': list(label_names)} if label_names is not None else None
     timm.models.save_for_hf(
@@ -308,7 +269,7 @@ def publish(
     """
     if dry_run_dir is not None:
         return str(_publishable_folder(model, Path(dry_run_dir), repo_id, metrics))
-    with tempfile.TemporaryDirectory() as tmp, _hub_errors(f'hf-hub:{repo_id}'):
+    with tempfile.TemporaryDirectory() as tmp, _hub_errors(f'{HF_HUB}{repo_id}'):
         _publishable_folder(model, Path(tmp), repo_id, metrics)
         api = HfApi(token=token)
         api.create_repo(repo_id, exist_ok=True, private=private)
@@ -318,8 +279,8 @@ def publish(
 
 def _publishable_folder(model: Union[str, nn.Module], folder: Path, repo_id: str, metrics) -> Path:
     """Write what publish uploads into ``folder``: a card-carrying local-dir as it is, else save_pretrained's layout."""
-    if isinstance(model, str) and model.startswith('local-dir:') and metrics is None:
-        source = Path(model[len('local-dir:'):])
+    source = parse_spec(model).folder if isinstance(model, str) else None
+    if source is not None and metrics is None:
         if (source / 'README.md').is_file():
             create_model(model)  # check that it loads before publishing it
             folder.mkdir(parents=True, exist_ok=True)
@@ -358,7 +319,7 @@ def convert_checkpoint(source: PathLike, variant: str, out: PathLike) -> Dict[st
         converted[key] = tensor.contiguous()
     classes = _head_size(converted, model_name)
     model = timm.create_model(model_name, pretrained=False, **({'num_classes': classes} if classes else {}))
-    _check_state_dict(converted, model, str(source))
+    check_state_dict(converted, model, str(source))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(converted, str(out), metadata={'format': 'pt', 'architecture': model_name})
@@ -386,3 +347,64 @@ def _read_any_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CorruptWeightsError(f'{path} holds no state dict of tensors; re-save it as a state dict')
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def list_variants() -> List[Dict[str, object]]:
+    """What ``ema-hub list`` shows: a row per variant and tag (the default tag first), with its size, its base's
+    published top-1 and whether its weights are cached."""
+    rows = []
+    for name, variant in VARIANTS.items():
+        for i, tag in enumerate(pretrained_tags(name) or ['']):
+            spec = f'{name}.{tag}' if tag else name
+            rows.append({
+                'model': spec, 'default': i == 0, 'base': variant.base, 'params_m': variant.params_m,
+                'gmacs': variant.gmacs, 'base_top1': variant.base_top1,
+                'cached': bool(tag) and _cached_or_not(spec),
+            })
+    return rows
+
+
+def describe(model: str) -> Dict[str, object]:
+    """What ``ema-hub info`` shows of a spec: architecture, classes, features, parameters, whether it is cached, its
+    pretrained cfg (label names summarised), the data config of its eval transform and its card's first paragraph."""
+    net = create_model(model, pretrained=False)
+    cfg = dict(net.pretrained_cfg)
+    spec = parse_spec(model)
+    return {
+        'model': model, 'architecture': cfg.get('architecture'), 'num_classes': net.num_classes,
+        'num_features': net.num_features, 'params_m': round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
+        'cached': None if spec.folder is not None else _cached_or_not(model),
+        'pretrained_cfg': _summarized_cfg(cfg), 'data_config': timm.data.resolve_data_config({}, model=net),
+        'card_summary': card_summary(_card_text(model, cfg)),
+    }
+
+
+def _card_text(model: str, cfg: Dict[str, object]) -> str:
+    """The card of a spec's weights: a checkpoint's own README.md, else the variant's warm card ('' if neither)."""
+    spec = parse_spec(model)
+    if spec.folder is not None:
+        card = spec.folder / 'README.md'
+        return card.read_text(encoding='utf-8') if card.is_file() else ''
+    if spec.repo_id is not None:
+        with contextlib.suppress(Exception):  # a repo without a card: nothing to summarise
+            return Path(hf_hub_download(spec.repo_id, 'README.md')).read_text(encoding='utf-8')
+        return ''
+    variant = str(cfg.get('architecture', '')).split('.', 1)[0]
+    return render_card(variant) if variant in VARIANTS else ''
+
+
+def _cached_or_not(model: str) -> bool:
+    try:
+        return is_cached(model)
+    except Exception:  # an odd cache layout must not break a listing
+        return False
+
+
+def _summarized_cfg(cfg: Dict[str, object]) -> Dict[str, object]:
+    """The pretrained cfg without empty fields, its label names as a count and the first three."""
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    names = cfg.pop('label_names', None)
+    cfg.pop('label_descriptions', None)
+    if names:
+        cfg['label_names'] = f'{len(names)} names ({", ".join(map(str, list(names)[:3]))}, ...)'
+    return cfg

@@ -6,17 +6,20 @@ the base's: every EMA layer starts as x -> x/2 (gn and conv3x3 zero: both softma
 sigmoid(0)) and the factor 2 is folded into the layer that feeds it. conv1x1 keeps its random init; it
 receives gradient as soon as gn.weight leaves zero.
 """
-from typing import Dict, Iterator, Tuple
+from typing import Collection, Dict, Iterator, Set, Tuple
 
 import torch
 from torch import nn
 from timm.data import ImageNetInfo
 from timm.models import get_pretrained_cfg
 
+from .errors import CheckpointKeysError, ShapeMismatchError
 from .layers import EMA
 from .registry import FAMILIES, VARIANTS, Variant
+from .specs import CHECKPOINT_SOURCES
 
-__all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'warm_start_state_dict', 'loads_weights']
+__all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'as_variant_state', 'warm_start_state_dict', 'check_state_dict',
+           'loads_weights']
 
 # cfg fields that say where the base's weights live, replaced by the warm tag's own.
 _SOURCE_FIELDS = ('url', 'file', 'state_dict', 'source', 'architecture', 'tag', 'hf_hub_filename')
@@ -74,10 +77,56 @@ def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module)
     return state
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm's pretrained filter: base checkpoints (no EMA keys) get the warm start; EMA checkpoints pass as they are."""
+def as_variant_state(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A checkpoint in the variant's keys: an EMA checkpoint as it is, a base checkpoint through the warm start."""
     has_ema = any(k.endswith(('.gn.weight', '.conv3x3.weight')) for k in state_dict)
     return state_dict if has_ema else warm_start_state_dict(state_dict, model)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's pretrained filter: base checkpoints (no EMA keys) get the warm start; EMA checkpoints pass as they are.
+
+    The result is checked against the model (``check_state_dict``), leaving out what timm's loader adapts
+    after this filter: a classifier of another size, a first convolution for other input channels.
+    """
+    state = as_variant_state(state_dict, model)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    check_state_dict(state, model, cfg.get('hf_hub_id') or cfg.get('file') or 'the checkpoint', _adapted_by_timm(model))
+    return state
+
+
+def _adapted_by_timm(model: nn.Module) -> Set[str]:
+    """Keys timm's ``load_pretrained`` replaces or drops after the filter: a classifier of another size, a first
+    convolution for other input channels."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    adapted = set()
+    if getattr(model, 'num_classes', None) != cfg.get('num_classes'):
+        adapted.update(f'{name}.{p}' for name in _names(cfg.get('classifier')) for p in ('weight', 'bias'))
+    in_chans = (cfg.get('input_size') or (3,))[0]
+    adapted.update(f'{name}.weight' for name in _names(cfg.get('first_conv'))
+                   if getattr(model.get_submodule(name), 'in_channels', in_chans) != in_chans)
+    return adapted
+
+
+def _names(value) -> Tuple[str, ...]:
+    """A cfg field that holds one module name or several."""
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def check_state_dict(state: Dict[str, torch.Tensor], model: nn.Module, source: str,
+                     adapted: Collection[str] = ()) -> None:
+    """Raise ShapeMismatchError for the first tensor that does not fit ``model``, CheckpointKeysError for unknown or
+    missing keys. ``adapted``: keys the loader itself resizes or drops (a new head, a stem for other channels)."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():  # in model order, so "first" means first in the network
+        if key in state and state[key].shape != tensor.shape and key not in adapted:
+            raise ShapeMismatchError(key, state[key].shape, tensor.shape, source)
+    unknown = set(state) - set(expected) - set(adapted)
+    # BatchNorm's step counters carry no weights; checkpoints often leave them out.
+    missing = {k for k in set(expected) - set(state) - set(adapted) if not k.endswith('num_batches_tracked')}
+    if unknown or missing:
+        arch = getattr(model, 'pretrained_cfg', {}).get('architecture', 'the model')
+        raise CheckpointKeysError(source, arch, unknown, missing)
 
 
 def loads_weights(pretrained: bool, pretrained_cfg) -> bool:
@@ -87,4 +136,4 @@ def loads_weights(pretrained: bool, pretrained_cfg) -> bool:
     ``pretrained=True`` (for timm's own models that flag is needed).
     """
     source = pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'source', None)
-    return bool(pretrained) or source in ('hf-hub', 'local-dir')
+    return bool(pretrained) or source in CHECKPOINT_SOURCES

@@ -7,6 +7,8 @@ the model cards (``ema_hub.cards``) and the CLI's listing are all generated from
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Tuple
 
+from .errors import UnknownModelError
+
 __all__ = ['Family', 'FAMILIES', 'Variant', 'VARIANTS', 'EMA_FACTOR', 'get_variant']
 
 # The paper's group count, used by every variant.
@@ -101,9 +103,10 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in _TABLE}
 
 
 def get_variant(name: str) -> Variant:
-    """The variant called ``name`` (a ``.tag`` suffix is ignored); KeyError lists the valid names."""
+    """The variant called ``name`` (a ``.tag`` suffix is ignored); UnknownModelError lists the valid names."""
     key = name.split('.', 1)[0]
     try:
         return VARIANTS[key]
     except KeyError:
-        raise KeyError(f'unknown EMA variant {name!r}; valid: {", ".join(VARIANTS)}') from None
+        raise UnknownModelError(f'unknown model {name!r}; use one of {", ".join(VARIANTS)}, or hf-hub:<repo_id>, or '
+                                f'local-dir:<folder>') from None

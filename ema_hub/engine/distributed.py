@@ -12,9 +12,11 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+from .devices import available_cpus, select_device
+
 __all__ = [
     'DistInfo', 'launch_rank', 'launch_world_size', 'init', 'cleanup', 'is_distributed', 'rank', 'world_size',
-    'is_main', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'broadcast_object', 'shard_indices', 'gather_features',
+    'is_main', 'barrier', 'all_reduce_sum', 'all_gather_objects', 'gather_objects', 'broadcast_object', 'shard_indices',
 ]
 
 
@@ -60,8 +62,9 @@ def init(device: Optional[str] = None) -> DistInfo:
     world = launch_world_size()
     rank_ = launch_rank()
     local_rank = _env_int('LOCAL_RANK', 0)
-    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
+    use_cuda = torch.cuda.is_available() if device in (None, 'auto') else str(device).startswith('cuda')
     if use_cuda:
+        select_device(str(device or 'cuda'))  # a one-line error when CUDA is missing
         dev = torch.device('cuda', local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
     else:
@@ -72,8 +75,6 @@ def init(device: Optional[str] = None) -> DistInfo:
         dist.init_process_group(backend=backend, **kwargs)
     if world > 1 and not use_cuda and 'OMP_NUM_THREADS' not in os.environ:
         # CPU workers share the machine: split its cores instead of oversubscribing them N times over.
-        from .inference import available_cpus
-
         local_world = _env_int('LOCAL_WORLD_SIZE', world)
         torch.set_num_threads(max(1, available_cpus() // local_world))
     return DistInfo(rank_ if world > 1 else 0, world, local_rank, dev)
@@ -124,6 +125,15 @@ def all_gather_objects(obj: Any) -> List[Any]:
     return out
 
 
+def gather_objects(obj: Any) -> Optional[List[Any]]:
+    """Every process's ``obj`` (picklable), in rank order, on rank 0; None on the others."""
+    if not is_distributed():
+        return [obj]
+    out: Optional[List[Any]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every process."""
     if not is_distributed():
@@ -142,44 +152,3 @@ def shard_indices(n: int, rank_: Optional[int] = None, world: Optional[int] = No
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world
     return list(range(rank_, n, world))
-
-
-def gather_features(entries, model, *, round_size: int = 256, **kwargs):
-    """``inference.iter_features`` across all processes: rank 0 yields every input exactly once, in input order.
-
-    Each process embeds its strided shard (``entries[rank::world_size]``); in rounds of ``round_size`` inputs per
-    process the rows travel to rank 0 (``gather_object``), which interleaves them back into input order, so
-    memory stays bounded however many images there are. Other ranks yield nothing. Single-process, this is
-    ``iter_features`` itself. ``kwargs`` as ``inference.run_model`` (batch_size, workers, device, amp, ...).
-    """
-    import numpy as np
-
-    from .inference import FeatureBatch, _pooled, iter_features, run_model
-
-    if not is_distributed():
-        yield from iter_features(entries, model, **kwargs)
-        return
-    entries = list(entries)
-    rank_, world = rank(), world_size()
-    dim = getattr(model, 'num_features', 0)
-    local = (row for batch in run_model(entries, model, _pooled, rank=rank_, world_size=world, **kwargs)
-             for row in batch)
-    per_rank = -(-len(entries) // world)
-    for _ in range(-(-per_rank // round_size)):
-        part = []
-        for entry, out, error in local:
-            part.append((entry.path, None if out is None else out.reshape(-1).numpy(), error))
-            if len(part) == round_size:
-                break
-        parts = [None] * world if rank_ == 0 else None
-        dist.gather_object(part, parts, dst=0)
-        if rank_ != 0:
-            continue
-        rows, errors = [], []
-        for j in range(max(len(p) for p in parts)):
-            for p in parts:  # rank k's j-th input of the round is input (round start + j) * world + k
-                if j < len(p):
-                    path, vec, error = p[j]
-                    (rows.append((path, vec)) if vec is not None else errors.append((path, error)))
-        feats = np.stack([v for _, v in rows]).astype(np.float32, copy=False) if rows else np.zeros((0, dim), np.float32)
-        yield FeatureBatch([p for p, _ in rows], feats, errors)

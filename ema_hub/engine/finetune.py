@@ -22,9 +22,9 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 import torch
@@ -37,15 +37,17 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from ..errors import DataError, TrainingStateError
+from ..hub import create_model, save_pretrained
+from ..specs import PathLike, parse_spec
 from . import distributed as dist_utils
+from .data import ImageDataset, decode_threads, decode_workers, make_loader, scan_image_folder, stack
 from .output import progress_bar
-from .validate import ImageFolderDataset, default_workers, evaluate, make_loader, scan_image_folder
+from .validate import evaluate
 
 __all__ = ['FinetuneConfig', 'finetune', 'check_data', 'CHECKPOINT_FILE', 'METRICS_FILE']
 
 CHECKPOINT_FILE = 'checkpoint.pt'
 METRICS_FILE = 'metrics.json'
-PathLike = Union[str, Path]
 
 
 @dataclass
@@ -81,7 +83,7 @@ class FinetuneConfig:
     @property
     def init(self) -> str:
         """What training starts from: the model spec, or ``'random'`` (hf-hub:/local-dir: specs always load theirs)."""
-        if self.pretrained or self.model.startswith(('hf-hub:', 'local-dir:')):
+        if self.pretrained or parse_spec(self.model).is_checkpoint:
             return self.model
         return 'random'
 
@@ -141,22 +143,29 @@ def _broadcast_buffers(module: nn.Module) -> None:
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> Dict[str, object]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and write ``cfg.output``; return the metrics (rank 0's view)."""
-    from ..hub import create_model, save_pretrained
-
     info = dist_utils.init(cfg.device)
     try:
-        return _finetune(cfg, resume, progress, info, create_model, save_pretrained)
+        out = Path(cfg.output)
+        train_data, val_data = check_data(cfg.data)
+        state = _resume_state(cfg, out, train_data.classes, resume)
+        if cfg.epochs < 1:
+            raise DataError(f'epochs must be at least 1, got {cfg.epochs}')
+        run = _Run.start(cfg, train_data, val_data, state, info, progress)
+        val_metrics = None
+        for epoch in range(run.epoch, cfg.epochs):
+            val_metrics = run.train_epoch(epoch)
+            run.save_checkpoint(out / CHECKPOINT_FILE)
+        if val_metrics is None:  # resumed after the last epoch: measure the checkpoint's model
+            val_metrics = run.evaluate()
+        return run.finish(out, val_metrics)
     finally:
         dist_utils.cleanup()
 
 
-def _finetune(cfg, resume, progress, info, create_model, save_pretrained) -> Dict[str, object]:
-    out = Path(cfg.output)
+def _resume_state(cfg: FinetuneConfig, out: Path, classes: List[str], resume: bool) -> Optional[Dict[str, object]]:
+    """The checkpoint of the run to continue (its settings then replace ``cfg``'s), or None to start afresh;
+    TrainingStateError when ``out`` holds a run this one must not overwrite or cannot continue."""
     ckpt_path = out / CHECKPOINT_FILE
-    train_data, val_data = check_data(cfg.data)
-    classes = train_data.classes
-
-    state = None
     if resume and ckpt_path.is_file():
         state = _load_checkpoint(ckpt_path)
         if list(state['classes']) != classes:
@@ -168,187 +177,247 @@ def _finetune(cfg, resume, progress, info, create_model, save_pretrained) -> Dic
             setattr(cfg, k, v)
         if changed:
             _log(f'resuming with the checkpoint\'s settings ({", ".join(f"{k}={v}" for k, v in changed.items())})')
-    elif resume:
+        return state
+    if resume:
         if (out / METRICS_FILE).is_file():
             raise TrainingStateError(f'{out} already holds a finished run ({METRICS_FILE}); nothing to resume')
         _log(f'no {CHECKPOINT_FILE} in {out}; starting from scratch')
     elif ckpt_path.is_file() or (out / 'model.safetensors').is_file():
         raise TrainingStateError(f'{out} already holds a training run; pass --resume to continue it, or choose '
                                  f'another --output folder')
+    return None
 
-    if cfg.epochs < 1:
-        raise DataError(f'epochs must be at least 1, got {cfg.epochs}')
 
-    # Model: the spec's pretrained weights (rank 0 downloads first, the others then read the cache).
+def _create_model(cfg: FinetuneConfig, num_classes: int, state: Optional[Dict[str, object]],
+                  device: torch.device) -> nn.Module:
+    """The spec's model with a head of ``num_classes``: its pretrained weights (rank 0 downloads first, the others
+    then read the cache), or the resumed checkpoint's."""
     _seed_all(cfg.seed)
-    kwargs = {'num_classes': len(classes)}
     if not dist_utils.is_main():
         dist_utils.barrier()
     try:
-        model = create_model(cfg.model, pretrained=cfg.pretrained and state is None, **kwargs)
+        model = create_model(cfg.model, pretrained=cfg.pretrained and state is None, num_classes=num_classes)
     finally:
         if dist_utils.is_main():
             dist_utils.barrier()
     if state is not None:
         model.load_state_dict(state['model'])
-    device = info.device
     model.to(device)
     if device.type == 'cuda':
         model.to(memory_format=torch.channels_last)
+    return model
 
-    # Data configuration the model is trained (and then evaluated and saved) with.
+
+def _data_config(cfg: FinetuneConfig, model: nn.Module) -> Dict[str, object]:
+    """The preprocessing the model is trained (and then evaluated and saved) with."""
     args = {}
     if cfg.img_size:
         args['input_size'] = (3, cfg.img_size, cfg.img_size)
     if cfg.crop_pct:
         args['crop_pct'] = cfg.crop_pct
     data_cfg = resolve_data_config(args, model=model)
-    data_cfg = {k: data_cfg[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
-    train_tf = create_transform(
-        input_size=data_cfg['input_size'], is_training=True, scale=(cfg.scale_min, 1.0), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter, interpolation=data_cfg['interpolation'], mean=data_cfg['mean'],
-        std=data_cfg['std'])
-    eval_tf = create_transform(**data_cfg, is_training=False)
-    train_set = ImageFolderDataset(train_data.samples, train_tf)
-    val_set = ImageFolderDataset(val_data.samples, eval_tf)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=False)
-    steps_per_epoch = max(1, math.ceil(len(sampler) / cfg.batch_size))
+    return {k: data_cfg[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
 
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=cfg.epochs,
-                                       warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1), warmup_lr=cfg.lr * 0.01,
-                                       min_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    amp_dtype = None
-    if device.type == 'cuda':
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
-    start_epoch, history, train_time, skipped_train = 0, [], 0.0, set()
-    if state is not None:
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if scaler is not None and state.get('scaler'):
-            scaler.load_state_dict(state['scaler'])
-        start_epoch = int(state['epoch'])
-        history = list(state['history'])
-        train_time = float(state['train_time_s'])
-        skipped_train = set(state['skipped_train'])
-        _log(f'resuming from epoch {start_epoch} of {cfg.epochs} ({ckpt_path})')
-        if start_epoch >= cfg.epochs:
-            _log(f'all {cfg.epochs} epochs were done; writing the result')
 
-    net = model
-    if info.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-    if dist_utils.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    _log(f'fine-tuning {cfg.model} ({"random init" if cfg.init == "random" else "pretrained"}) on {cfg.data}: '
-         f'{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, '
-         f'{data_cfg["input_size"][-1]}px, batch {cfg.batch_size} x {info.world_size} process(es), '
-         f'{cfg.opt} lr {cfg.lr:g}, {cfg.epochs} epochs, device {device.type}')
+@dataclass
+class _Run:
+    """One fine-tuning run's state: the model and its optimisation, the data, and the progress so far."""
+    cfg: FinetuneConfig
+    info: dist_utils.DistInfo
+    model: nn.Module
+    net: nn.Module                     # the model, wrapped in DDP under torchrun
+    classes: List[str]
+    data_cfg: Dict[str, object]
+    train_set: ImageDataset
+    val_set: ImageDataset
+    sampler: DistributedSampler
+    workers: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: Optional[torch.amp.GradScaler]
+    amp_dtype: Optional[torch.dtype]
+    progress: bool
+    epoch: int = 0
+    history: List[Dict[str, object]] = field(default_factory=list)
+    train_time: float = 0.0
+    skipped_train: Set[str] = field(default_factory=set)
 
-    val_metrics = None
-    for epoch in range(start_epoch, cfg.epochs):
+    @classmethod
+    def start(cls, cfg: FinetuneConfig, train_data, val_data, state: Optional[Dict[str, object]],
+              info: dist_utils.DistInfo, progress: bool) -> '_Run':
+        device = info.device
+        model = _create_model(cfg, len(train_data.classes), state, device)
+        data_cfg = _data_config(cfg, model)
+        train_tf = create_transform(
+            input_size=data_cfg['input_size'], is_training=True, scale=(cfg.scale_min, 1.0), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, interpolation=data_cfg['interpolation'], mean=data_cfg['mean'],
+            std=data_cfg['std'])
+        workers = decode_workers(device, info.world_size) if cfg.workers is None else cfg.workers
+        # Augmentation draws from the global RNGs: one decoding thread keeps their order, so a seed gives one run.
+        train_set = train_data.dataset(train_tf)
+        val_set = val_data.dataset(create_transform(**data_cfg, is_training=False),
+                                   decode_threads(workers, info.world_size))
+        sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=False)
+        steps = max(1, math.ceil(len(sampler) / cfg.batch_size))
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched='cosine', num_epochs=cfg.epochs, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1),
+            warmup_lr=cfg.lr * 0.01, min_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
+        amp_dtype = None
+        if device.type == 'cuda':
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+        net = model
+        if info.distributed:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == 'cuda' else None)
+        run = cls(cfg, info, model, net, train_data.classes, data_cfg, train_set, val_set, sampler, workers,
+                  optimizer, scheduler, scaler, amp_dtype, progress)
+        if state is not None:
+            run.restore(state)
+        if dist_utils.is_main():
+            Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        _log(f'fine-tuning {cfg.model} ({"random init" if cfg.init == "random" else "pretrained"}) on {cfg.data}: '
+             f'{len(run.classes)} classes, {len(train_set)} train / {len(val_set)} val images, '
+             f'{data_cfg["input_size"][-1]}px, batch {cfg.batch_size} x {info.world_size} process(es), '
+             f'{cfg.opt} lr {cfg.lr:g}, {cfg.epochs} epochs, device {device.type}')
+        return run
+
+    def restore(self, state: Dict[str, object]) -> None:
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        if self.scaler is not None and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        self.epoch = int(state['epoch'])
+        self.history = list(state['history'])
+        self.train_time = float(state['train_time_s'])
+        self.skipped_train = set(state['skipped_train'])
+        _log(f'resuming from epoch {self.epoch} of {self.cfg.epochs} ({Path(self.cfg.output) / CHECKPOINT_FILE})')
+        if self.epoch >= self.cfg.epochs:
+            _log(f'all {self.cfg.epochs} epochs were done; writing the result')
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.sampler) / self.cfg.batch_size))
+
+    def train_epoch(self, epoch: int) -> Dict[str, object]:
+        """One epoch of training, then validation; returns the validation metrics."""
+        cfg, device = self.cfg, self.info.device
         t0 = time.perf_counter()
-        net.train()
-        sampler.set_epoch(epoch)
-        epoch_seed = cfg.seed + 1000 * epoch + info.rank
+        self.net.train()
+        self.sampler.set_epoch(epoch)
+        epoch_seed = cfg.seed + 1000 * epoch + self.info.rank
         _seed_all(epoch_seed)
-        gen = torch.Generator().manual_seed(epoch_seed)
-        loader = make_loader(train_set, cfg.batch_size, workers, sampler=sampler, generator=gen,
-                             pin_memory=device.type == 'cuda')
+        loader = make_loader(self.train_set, cfg.batch_size, self.workers, sampler=self.sampler,
+                             generator=torch.Generator().manual_seed(epoch_seed), pin_memory=device.type == 'cuda')
         bar = progress_bar(len(loader), f'epoch {epoch + 1}/{cfg.epochs}', 'batch',
-                           None if progress and dist_utils.is_main() else False)
+                           None if self.progress and dist_utils.is_main() else False)
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
         loss_sum, seen, step_skips = 0.0, 0, []
-        for step, (images, targets, _, bad) in enumerate(loader):
-            step_skips += bad
-            num_updates = epoch * steps_per_epoch + step
+        for step, samples in enumerate(loader):
+            images, targets, failed = stack(samples)
+            step_skips += [s.index for s in failed]
             if images is None or len(images) < 2:  # BatchNorm needs two samples; all ranks must still step
-                images, targets = _filler_batch(images, targets, train_set, bad)
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if device.type == 'cuda':
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(net(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step_update(num_updates + 1)
-            loss_sum += loss.item() * len(targets)
+                images, targets = _filler_batch(images, targets, self.train_set)
+            loss = self.step(images, targets, criterion, epoch * self.steps_per_epoch + step)
+            loss_sum += loss * len(targets)
             seen += len(targets)
             if not bar.disable:
-                rate = seen * info.world_size / max(time.perf_counter() - t0, 1e-9)
+                rate = seen * self.info.world_size / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f'loss {loss_sum / seen:.4f}, {rate:.0f} img/s', refresh=False)
             bar.update(1)
         bar.close()
-        scheduler.step(epoch + 1)
+        self.scheduler.step(epoch + 1)
         for part in dist_utils.all_gather_objects(step_skips):
-            skipped_train.update(train_set.samples[i][0] for i in part)
+            self.skipped_train.update(self.train_set.entries[i].path for i in part)
         totals = dist_utils.all_reduce_sum(torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device))
         train_loss = (totals[0] / totals[1].clamp(min=1)).item()
         epoch_time = time.perf_counter() - t0
-        _broadcast_buffers(model)
-        val_metrics = evaluate(model, val_set, batch_size=cfg.batch_size, workers=workers, device=device,
-                               amp=amp_dtype is not None, progress=progress, desc='validate')
+        val_metrics = self.evaluate()
         elapsed = time.perf_counter() - t0
-        train_time += elapsed
-        history.append({'epoch': epoch + 1, 'train_loss': round(train_loss, 5), 'val_loss': round(val_metrics['loss'], 5),
-                        'top1': val_metrics['top1'], 'top5': val_metrics['top5'], 'time_s': round(elapsed, 2)})
+        self.train_time += elapsed
+        self.epoch = epoch + 1
+        self.history.append({'epoch': epoch + 1, 'train_loss': round(train_loss, 5),
+                             'val_loss': round(val_metrics['loss'], 5), 'top1': val_metrics['top1'],
+                             'top5': val_metrics['top5'], 'time_s': round(elapsed, 2)})
         _log(f'epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val_metrics["loss"]:.4f}, '
              f'top-1 {val_metrics["top1"]:.2f} %, top-5 {val_metrics["top5"]:.2f} % '
              f'({totals[1].item() / max(epoch_time, 1e-9):.0f} img/s, {elapsed:.1f} s)')
+        return val_metrics
+
+    def step(self, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module, num_updates: int) -> float:
+        """One optimisation step; returns the batch's mean loss."""
+        device = self.info.device
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if device.type == 'cuda':
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = criterion(self.net(images), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step_update(num_updates + 1)
+        return loss.item()
+
+    def evaluate(self) -> Dict[str, object]:
+        _broadcast_buffers(self.model)
+        return evaluate(self.model, self.val_set, batch_size=self.cfg.batch_size, workers=self.workers,
+                        device=self.info.device, amp=self.amp_dtype is not None, progress=self.progress)
+
+    def save_checkpoint(self, path: Path) -> None:
+        """The last completed epoch's state, for ``--resume`` (rank 0 writes; every rank waits for it)."""
         if dist_utils.is_main():
             _atomic_save({
-                'epoch': epoch + 1, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler is not None else {},
-                'classes': classes, 'settings': cfg.run_settings(), 'history': history,
-                'train_time_s': train_time, 'skipped_train': sorted(skipped_train),
-            }, ckpt_path)
+                'epoch': self.epoch, 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                'scheduler': self.scheduler.state_dict(),
+                'scaler': self.scaler.state_dict() if self.scaler is not None else {},
+                'classes': self.classes, 'settings': self.cfg.run_settings(), 'history': self.history,
+                'train_time_s': self.train_time, 'skipped_train': sorted(self.skipped_train),
+            }, path)
         dist_utils.barrier()
 
-    if val_metrics is None:  # resumed after the last epoch: measure the checkpoint's model
-        _broadcast_buffers(model)
-        val_metrics = evaluate(model, val_set, batch_size=cfg.batch_size, workers=workers, device=device,
-                               amp=amp_dtype is not None, progress=progress)
+    def finish(self, out: Path, val_metrics: Dict[str, object]) -> Dict[str, object]:
+        """Write the result folder (rank 0), remove the checkpoint; return the metrics."""
+        cfg = self.cfg
+        skipped = sorted(self.skipped_train | set(val_metrics['skipped_files']))
+        metrics = {
+            'top1': val_metrics['top1'], 'top5': val_metrics['top5'], 'val_loss': val_metrics['loss'],
+            'epochs': cfg.epochs, 'train_time_s': round(self.train_time, 2), 'num_classes': len(self.classes),
+            'classes': self.classes, 'train_images': len(self.train_set), 'val_images': val_metrics['images'],
+            'images_skipped': len(skipped), 'skipped_files': skipped, 'model': cfg.model,
+            'img_size': self.data_cfg['input_size'][-1], 'data_config': _jsonable(self.data_cfg),
+            'settings': cfg.run_settings(), 'world_size': self.info.world_size, 'device': self.info.device.type,
+            'history': self.history,
+        }
+        if skipped:
+            _log(f'skipped {len(skipped)} unreadable image(s): {", ".join(skipped[:3])}'
+                 f'{" ..." if len(skipped) > 3 else ""}')
+        if dist_utils.is_main():
+            _write_result(self.model, out, cfg, self.classes, self.data_cfg, metrics)
+            (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+            _log(f'top-1 {metrics["top1"]:.2f} %, top-5 {metrics["top5"]:.2f} % after {cfg.epochs} epochs '
+                 f'({self.train_time:.0f} s); wrote {out}')
+        dist_utils.barrier()
+        return metrics
 
-    skipped = sorted(skipped_train | set(val_metrics['skipped_files']))
-    metrics = {
-        'top1': val_metrics['top1'], 'top5': val_metrics['top5'], 'val_loss': val_metrics['loss'],
-        'epochs': cfg.epochs, 'train_time_s': round(train_time, 2), 'num_classes': len(classes),
-        'classes': classes, 'train_images': len(train_set), 'val_images': val_metrics['images'],
-        'images_skipped': len(skipped), 'skipped_files': skipped, 'model': cfg.model,
-        'img_size': data_cfg['input_size'][-1], 'data_config': _jsonable(data_cfg), 'settings': cfg.run_settings(),
-        'world_size': info.world_size, 'device': device.type, 'history': history,
-    }
-    if skipped:
-        _log(f'skipped {len(skipped)} unreadable image(s): {", ".join(skipped[:3])}{" ..." if len(skipped) > 3 else ""}')
-    if dist_utils.is_main():
-        _write_result(model, out, cfg, classes, data_cfg, metrics, save_pretrained)
-        ckpt_path.unlink(missing_ok=True)
-        _log(f'top-1 {metrics["top1"]:.2f} %, top-5 {metrics["top5"]:.2f} % after {cfg.epochs} epochs '
-             f'({train_time:.0f} s); wrote {out}')
-    dist_utils.barrier()
-    return metrics
 
-
-def _filler_batch(images, targets, dataset, bad):
+def _filler_batch(images, targets, dataset: ImageDataset):
     """A batch too small for BatchNorm (unreadable images removed): top it up with readable training images."""
     extra_imgs, extra_tgts = [], []
     for i in range(len(dataset)):
         if len(extra_imgs) + (0 if images is None else len(images)) >= 2:
             break
-        item = dataset[i]
-        if item[0] is not None:
-            extra_imgs.append(item[0])
-            extra_tgts.append(item[1])
+        sample = dataset[i]
+        if sample.tensor is not None:
+            extra_imgs.append(sample.tensor)
+            extra_tgts.append(sample.target)
     if images is not None:
         extra_imgs = list(images) + extra_imgs
         extra_tgts = targets.tolist() + extra_tgts
@@ -365,7 +434,7 @@ def _jsonable(obj):
     return obj
 
 
-def _write_result(model, out: Path, cfg: FinetuneConfig, classes: List[str], data_cfg, metrics, save_pretrained):
+def _write_result(model, out: Path, cfg: FinetuneConfig, classes: List[str], data_cfg, metrics):
     """The Hub layout (label names and training data config in config.json, card with the accuracy) + metrics.json."""
     model = model.eval().to('cpu')
     pcfg = dict(model.pretrained_cfg)
@@ -382,4 +451,3 @@ def _write_result(model, out: Path, cfg: FinetuneConfig, classes: List[str], dat
     # label_names also go to config.json's top level, where the Hub and timm look first
     save_pretrained(model, out, metrics=card_metrics, data_config=dict(data_cfg), label_names=classes)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + '\n', encoding='utf-8')
-

@@ -28,12 +28,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, TextIO, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 from PIL import Image, ImageFile, ImageOps
 
 __all__ = [
-    'IMAGE_EXTENSIONS', 'InputEntry', 'iter_inputs', 'list_inputs', 'is_image_file', 'load_image', 'to_rgb',
+    'IMAGE_EXTENSIONS', 'InputEntry', 'iter_inputs', 'list_inputs', 'require_inputs', 'is_image_file', 'load_image', 'to_rgb',
     'describe_error', 'DECODE_ERRORS',
 ]
 
@@ -98,6 +98,17 @@ def iter_inputs(args: Iterable[str], stdin: Optional[TextIO] = None) -> Iterator
 def list_inputs(args: Iterable[str], stdin: Optional[TextIO] = None) -> List[InputEntry]:
     """``iter_inputs`` as a list (sharding for torchrun is ``inference.run_model``'s)."""
     return list(iter_inputs(args, stdin))
+
+
+def require_inputs(args: Sequence[str], stdin: Optional[TextIO] = None) -> List[InputEntry]:
+    """``list_inputs``, or UsageError when the arguments name no image at all."""
+    from ..errors import UsageError
+
+    entries = list_inputs(args, stdin)
+    if not entries:
+        raise UsageError(f'no images found in {", ".join(args)} (image extensions: '
+                         f'{", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))})')
+    return entries
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:

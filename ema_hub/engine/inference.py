@@ -1,72 +1,39 @@
-"""Batched inference over image files: classification records and pooled features, streamed in input order.
+"""Batched inference over image files: the model loop and classification records, streamed in input order.
 
-The pipeline (see DESIGN.md, "Data flow of ema-classify"): a list of ``InputEntry`` (``images.list_inputs``)
--> a map-style Dataset decoding in DataLoader workers (``images.load_image``: EXIF transpose, RGB, JPEG draft
-mode) -> timm's eval transform from the model's pretrained cfg -> batches -> the model under
-``torch.inference_mode`` (optional channels_last / autocast) -> per-image results in input order.
+The pipeline: a list of ``InputEntry`` (``images.list_inputs``) -> ``data.ImageDataset`` (``images.load_image``:
+EXIF transpose, RGB, JPEG draft mode; timm's eval transform from the model's pretrained cfg), decoded as the
+worker policy says (``data.decode_workers``) -> batches -> the model under ``torch.inference_mode`` (optional
+channels_last / autocast) -> per-image results in input order.
 
-A file that cannot be decoded never stops a run: its failure travels through the collate as an error and
-comes out as an error record in its place. Loader chunks are smaller than model batches (so workers start
-feeding the model early) and are re-batched here.
+A file that cannot be decoded never stops a run: its ``Sample`` carries the error and comes out as an error
+record in its place. Loader chunks are smaller than model batches (so workers start feeding the model early)
+and are re-batched here.
 
 Sharding for torchrun: every entry point takes ``rank``/``world_size`` and then handles
 ``entries[rank::world_size]`` only; writers (``ema_hub.engine.output``) are separate, so rank 0 can gather
 and write once.
 """
 import math
-import os
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from .images import InputEntry, describe_error, load_image
+from ..hub import class_labels, create_model
+from .data import ImageDataset, Sample, decode_threads, decode_workers, make_loader, stack
+from .devices import available_cpus, select_device
+from .images import InputEntry
 
-__all__ = [
-    'select_device', 'load_model', 'eval_transform', 'ImageDataset', 'Item', 'collate_items', 'run_model',
-    'classify', 'iter_features', 'FeatureBatch', 'default_workers', 'default_batch_size', 'available_cpus',
-]
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def default_workers() -> int:
-    return min(4, available_cpus())
+__all__ = ['select_device', 'load_model', 'eval_transform', 'run_model', 'classify', 'default_batch_size']
 
 
 def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == 'cuda' else 16
 
 
-def select_device(name: str = 'auto') -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
-    if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'device {name!r} requested but CUDA is not available; use --device cpu or auto')
-    if device.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-        raise ValueError(f'device {name!r} requested but MPS is not available; use --device cpu or auto')
-    return device
-
-
 def load_model(spec: str, weights: Optional[str] = None, device: Optional[torch.device] = None,
                channels_last: bool = False, **kwargs) -> nn.Module:
     """``ema_hub.hub.create_model`` in eval mode on ``device``; a ``weights`` file sets num_classes by its head."""
-    from ..hub import create_model
-
     model = create_model(spec, pretrained=weights is None, weights=weights, **kwargs)
     model.eval()
     if device is not None:
@@ -93,49 +60,6 @@ def eval_transform(model: nn.Module) -> Tuple[Callable, Optional[int], Dict[str,
     return transform, int(resize), config
 
 
-@dataclass
-class Item:
-    """One decoded input: its position, and the tensor or the reason it failed."""
-    index: int
-    tensor: Optional[torch.Tensor]
-    error: Optional[str]
-
-
-class ImageDataset(Dataset):
-    """Map-style dataset over entries: decoding failures become ``Item.error``, never exceptions."""
-
-    def __init__(self, entries: Sequence[InputEntry], transform: Callable, draft_size: Optional[int] = None):
-        self.entries = entries
-        self.transform = transform
-        self.draft_size = draft_size
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index: int) -> Item:
-        entry = self.entries[index]
-        if entry.error is not None:
-            return Item(index, None, entry.error)
-        try:
-            image = load_image(entry.path, draft_size=self.draft_size)
-            return Item(index, self.transform(image), None)
-        except Exception as e:  # every decoding failure is a per-file error record
-            return Item(index, None, describe_error(e))
-
-
-def collate_items(items: List[Item]) -> List[Item]:
-    """Keep items as they are (failures included); tensors are stacked per model batch after re-batching."""
-    return items
-
-
-def _loader(dataset: Dataset, chunk: int, workers: int) -> DataLoader:
-    kwargs = {}
-    if workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
-    return DataLoader(dataset, batch_size=chunk, shuffle=False, num_workers=workers, collate_fn=collate_items,
-                      **kwargs)
-
-
 def run_model(
         entries: Sequence[InputEntry],
         model: nn.Module,
@@ -155,60 +79,60 @@ def run_model(
     """Yield, per model batch and in input order, ``(entry, output row on cpu (float32) or None, error or None)``.
 
     ``forward(model, x)`` maps a batch to outputs (logits, features). ``progress(n)`` is called as images finish.
-    ``set_threads`` (for programs that own their process, like the CLI): on cpu, give torch the cores the
-    decoding workers leave free, at least one; oversubscribed OpenMP threads stall each other badly.
+    ``workers``: DataLoader processes (default: the worker policy, ``data.decode_workers``). ``set_threads``
+    (for programs that own their process, like the CLI): on cpu, give torch the cores the decoding processes
+    leave free, at least one; oversubscribed OpenMP threads stall each other badly.
     """
     if world_size > 1:
         entries = list(entries)[rank::world_size]
     device = device or next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
-    workers = default_workers() if workers is None else workers
+    workers = decode_workers(device, world_size) if workers is None else workers
     transform, resize, _ = eval_transform(model)
-    dataset = ImageDataset(entries, transform, draft_size=resize if draft else None)
     # Loader chunks: small enough that every worker has work early and the model is fed soon.
-    spread = max(1, workers)
-    chunk = max(1, min(batch_size, math.ceil(batch_size / spread), 8))
+    chunk = max(1, min(batch_size, math.ceil(batch_size / max(1, workers)), 8))
     n_chunks = math.ceil(len(entries) / chunk) if entries else 0
-    workers = min(workers, max(0, n_chunks))
-    if n_chunks <= 1:
-        workers = 0  # one chunk: a worker process would only add its start-up time
-    loader = _loader(dataset, chunk, workers)
+    workers = 0 if n_chunks <= 1 else min(workers, n_chunks)  # one chunk: a process would only add its start-up
+    dataset = ImageDataset(entries, transform, draft_size=resize if draft else None,
+                           threads=decode_threads(workers, world_size))
     if set_threads and device.type == 'cpu':
         torch.set_num_threads(max(1, available_cpus() - workers))
     autocast_dtype = {'cuda': torch.float16, 'cpu': torch.bfloat16, 'mps': torch.float16}.get(device.type)
     use_amp = amp and autocast_dtype is not None
 
-    pending: List[Item] = []
-
-    def flush(items: List[Item]):
-        good = [it for it in items if it.tensor is not None]
-        outputs = None
-        if good:
-            x = torch.stack([it.tensor for it in good])
+    def outputs(samples: List[Sample]):
+        x, _, _ = stack(samples)
+        rows = iter(())
+        if x is not None:
             x = x.to(device, non_blocking=device.type == 'cuda')
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
-                outputs = forward(model, x)
-            outputs = outputs.float().cpu()
-        rows = iter(outputs) if outputs is not None else iter(())
-        out = [(entries[it.index], next(rows) if it.tensor is not None else None, it.error) for it in items]
+                rows = iter(forward(model, x).float().cpu())
+        out = [(entries[s.index], next(rows) if s.tensor is not None else None, s.error) for s in samples]
         if progress is not None:
-            progress(len(items))
+            progress(len(samples))
         return out
 
-    for items in loader:
-        pending.extend(items)
-        while sum(it.tensor is not None for it in pending) >= batch_size:
+    for samples in _model_batches(make_loader(dataset, chunk, workers), batch_size):
+        yield outputs(samples)
+
+
+def _model_batches(loader, batch_size: int) -> Iterator[List[Sample]]:
+    """Loader chunks regrouped into model batches of ``batch_size`` readable samples (failures ride along in order)."""
+    pending: List[Sample] = []
+    for samples in loader:
+        pending.extend(samples)
+        while sum(s.tensor is not None for s in pending) >= batch_size:
             count, cut = 0, 0
-            for cut, it in enumerate(pending, 1):
-                count += it.tensor is not None
+            for cut, sample in enumerate(pending, 1):
+                count += sample.tensor is not None
                 if count == batch_size:
                     break
-            batch, pending = pending[:cut], pending[cut:]
-            yield flush(batch)
+            yield pending[:cut]
+            pending = pending[cut:]
     if pending:
-        yield flush(pending)
+        yield pending
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +152,6 @@ def classify(
     (``ema_hub.hub.class_labels``), else the class index as a string. Other arguments as ``run_model``.
     """
     if labels is None:
-        from ..hub import class_labels
         labels = class_labels(model)
     for batch in run_model(entries, model, _logits, **kwargs):
         for entry, logits, error in batch:
@@ -241,25 +164,3 @@ def classify(
             yield {'path': entry.path, 'predictions': [
                 {'index': int(i), 'label': labels[int(i)] if labels else str(int(i)), 'score': round(float(s), 6)}
                 for s, i in zip(scores.tolist(), indices.tolist())]}
-
-
-def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_head(model.forward_features(x), pre_logits=True)
-
-
-@dataclass
-class FeatureBatch:
-    """Features of the readable images of one batch (rows in input order) and the failures among them."""
-    paths: List[str]
-    features: np.ndarray               # (len(paths), D) float32
-    errors: List[Tuple[str, str]]      # (path, reason)
-
-
-def iter_features(entries: Sequence[InputEntry], model: nn.Module, **kwargs) -> Iterator[FeatureBatch]:
-    """Pooled embeddings (``forward_head(..., pre_logits=True)``) batch by batch; arguments as ``run_model``."""
-    dim = getattr(model, 'num_features', 0)
-    for batch in run_model(entries, model, _pooled, **kwargs):
-        rows = [(e.path, out) for e, out, _ in batch if out is not None]
-        feats = (torch.stack([r for _, r in rows]).reshape(len(rows), -1).numpy().astype(np.float32, copy=False)
-                 if rows else np.zeros((0, dim), np.float32))
-        yield FeatureBatch([p for p, _ in rows], feats, [(e.path, err) for e, out, err in batch if out is None])

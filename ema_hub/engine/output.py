@@ -27,7 +27,9 @@ from typing import Dict, List, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
-__all__ = ['FORMATS', 'RecordWriter', 'format_for_output', 'progress_bar', 'FeatureWriter',
+from ..errors import UsageError
+
+__all__ = ['FORMATS', 'RecordWriter', 'format_for_output', 'progress_bar', 'FeatureWriter', 'check_feature_output',
            'FEATURE_SUFFIXES']
 
 FORMATS = ('table', 'json', 'jsonl', 'csv')
@@ -112,6 +114,14 @@ def progress_bar(total: int, desc: Optional[str] = None, unit: str = 'images', e
                 leave=False, dynamic_ncols=True, mininterval=0.1)
 
 
+def check_feature_output(out: Union[str, Path]) -> Path:
+    """``out`` as a Path if a feature file can be written there (by its suffix), else UsageError."""
+    out = Path(out)
+    if out.suffix.lower() not in FEATURE_SUFFIXES:
+        raise UsageError(f'--output must end in .npz or .safetensors, not {out.name!r}')
+    return out
+
+
 class FeatureWriter:
     """Stream feature rows to ``.npz`` or ``.safetensors`` with flat memory; use as a context manager.
 
@@ -119,10 +129,8 @@ class FeatureWriter:
     """
 
     def __init__(self, out: Union[str, Path], metadata: Optional[Dict[str, str]] = None):
-        self.out = Path(out)
+        self.out = check_feature_output(out)
         self.kind = self.out.suffix.lower()
-        if self.kind not in FEATURE_SUFFIXES:
-            raise ValueError(f'features output must end in .npz or .safetensors, not {self.out.name!r}')
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.metadata = dict(metadata or {})
         self.paths: List[str] = []

@@ -1,121 +1,27 @@
-"""ImageFolder data and top-1/top-5 evaluation, as timm's ``validate.py`` does it (torchrun-aware).
+"""Top-1/top-5 evaluation on an ImageFolder, as timm's ``validate.py`` does it (torchrun-aware).
 
-An ImageFolder is a folder with one sub-folder per class; images anywhere below a class folder belong to it.
-Classes are the sub-folder names in timm's order (``natural_key``: sorted, with digit runs compared as numbers,
-as ``timm.data.create_dataset`` orders them). Image files are those ``images.is_image_file`` accepts, decoded
-by ``images.load_image`` at full size (EXIF orientation, every mode to RGB, alpha on white, high bit depths
-scaled), as ``classify`` and ``features`` decode them. Unreadable images are skipped and counted, never fatal.
+Class folders and their order are ``data.scan_image_folder``'s (timm's); images are decoded at full size by
+``images.load_image`` (EXIF orientation, every mode to RGB, alpha on white, high bit depths scaled), as
+``classify`` and ``features`` decode them. Unreadable images are skipped and counted, never fatal.
 """
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 
 from timm.data import create_transform, resolve_data_config
-from timm.utils.misc import natural_key
 
-from ..errors import DataError, _names
+from ..errors import DataError
+from ..hub import create_model, label_names
+from ..specs import PathLike
 from . import distributed as dist_utils
-from .images import DECODE_ERRORS, is_image_file, load_image
-from .inference import available_cpus
+from .data import ImageDataset, decode_threads, decode_workers, make_loader, scan_image_folder, stack
 from .output import progress_bar
 
-__all__ = [
-    'ImageFolderData', 'scan_image_folder', 'ImageFolderDataset', 'collate_skip', 'make_loader',
-    'evaluate', 'validate', 'eval_data_config',
-]
-
-PathLike = Union[str, Path]
-
-
-@dataclass
-class ImageFolderData:
-    root: Path
-    classes: List[str]
-    samples: List[Tuple[str, int]]  # (path, class index), in natural path order
-    empty: List[str] = field(default_factory=list)  # class folders without a single image file
-
-    def counts(self) -> Dict[str, int]:
-        out = {c: 0 for c in self.classes}
-        for _, t in self.samples:
-            out[self.classes[t]] += 1
-        return out
-
-
-def scan_image_folder(root: PathLike, what: str = 'data folder', allow_empty_classes: bool = False) -> ImageFolderData:
-    """Classes (sub-folders, timm's order) and image files of an ImageFolder; DataError explains a bad layout."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f'{what} {root} does not exist or is not a folder')
-    classes = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')), key=natural_key)
-    if not classes:
-        loose = any(is_image_file(p.name) for p in root.iterdir() if p.is_file())
-        hint = ' (images must sit in one sub-folder per class, not directly in it)' if loose else ''
-        raise DataError(f'{what} {root} has no class folders{hint}; expected {root}/<class_name>/<image files>')
-    samples: List[Tuple[str, int]] = []
-    empty: List[str] = []
-    for idx, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-            found += [os.path.join(dirpath, f) for f in filenames
-                      if not f.startswith('.') and is_image_file(f)]
-        if not found:
-            empty.append(name)
-        samples += [(f, idx) for f in sorted(found, key=natural_key)]
-    if empty and not allow_empty_classes:
-        raise DataError(f'{what} {root}: class folder(s) without images: {_names(empty)}; add images '
-                        f'(jpg, png, bmp, webp, ...) or remove the folder(s)')
-    return ImageFolderData(root, classes, samples, empty)
-
-
-class ImageFolderDataset(Dataset):
-    """(image tensor, class index) per sample; an unreadable image gives ``(None, index)`` instead."""
-
-    def __init__(self, samples: Sequence[Tuple[str, int]], transform: Optional[Callable] = None):
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        try:
-            img = load_image(path)  # full size: no JPEG draft for training or evaluation
-            if self.transform is not None:
-                img = self.transform(img)
-        except DECODE_ERRORS:
-            return None, index
-        return img, target, index
-
-
-def collate_skip(batch):
-    """Stack the readable samples; return ``(images, targets, indices, skipped_indices)``."""
-    good = [b for b in batch if b[0] is not None]
-    skipped = [b[1] for b in batch if b[0] is None]
-    if not good:
-        return None, None, torch.zeros(0, dtype=torch.long), skipped
-    images = torch.stack([b[0] for b in good])
-    targets = torch.tensor([b[1] for b in good], dtype=torch.long)
-    indices = torch.tensor([b[2] for b in good], dtype=torch.long)
-    return images, targets, indices, skipped
-
-
-def make_loader(dataset: Dataset, batch_size: int, workers: int, *, sampler=None, shuffle: bool = False,
-                generator: Optional[torch.Generator] = None, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-                      num_workers=workers, collate_fn=collate_skip, pin_memory=pin_memory, generator=generator,
-                      persistent_workers=False, drop_last=False)
-
-
-def default_workers() -> int:
-    return min(4, max(0, available_cpus() // max(dist_utils.world_size(), 1) - 1))
+__all__ = ['evaluate', 'validate', 'eval_data_config', 'format_result']
 
 
 def eval_data_config(model: nn.Module, img_size: Optional[int] = None) -> Dict[str, object]:
@@ -128,7 +34,7 @@ def eval_data_config(model: nn.Module, img_size: Optional[int] = None) -> Dict[s
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, dataset: ImageFolderDataset, *, batch_size: int = 64, workers: int = 0,
+def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 64, workers: int = 0,
              device: Optional[torch.device] = None, amp: bool = False, progress: bool = False,
              desc: str = 'validate') -> Dict[str, object]:
     """Top-1/top-5 (percent, as timm reports them) of ``model`` on ``dataset``.
@@ -145,8 +51,9 @@ def evaluate(model: nn.Module, dataset: ImageFolderDataset, *, batch_size: int =
     skipped: List[int] = []
     bar = progress_bar(len(loader), desc, 'batch', None if progress and dist_utils.is_main() else False)
     criterion = nn.CrossEntropyLoss(reduction='sum')
-    for images, targets, _, bad in loader:
-        skipped += bad
+    for samples in loader:
+        images, targets, failed = stack(samples)
+        skipped += [s.index for s in failed]
         if images is not None:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=amp and device.type == 'cuda'):
@@ -168,7 +75,7 @@ def evaluate(model: nn.Module, dataset: ImageFolderDataset, *, batch_size: int =
         'loss': counts[3].item() / seen if seen else float('nan'),
         'images': seen,
         'skipped': len(skipped),
-        'skipped_files': [dataset.samples[i][0] for i in skipped],
+        'skipped_files': [dataset.entries[i].path for i in skipped],
         'num_classes': num_classes,
     }
 
@@ -202,8 +109,6 @@ def validate(model: Union[str, nn.Module], data_dir: PathLike, *, batch_size: in
     carries label names (a fine-tuned checkpoint), folders are matched to them by name instead. A folder
     holding only ``train/`` and ``val/`` is validated on ``val/``. Runs unchanged under torchrun.
     """
-    from ..hub import create_model, label_names
-
     info = dist_utils.init(device)
     root = _resolve_eval_root(Path(data_dir))
     data = scan_image_folder(root, what='validation folder', allow_empty_classes=True)
@@ -212,11 +117,11 @@ def validate(model: Union[str, nn.Module], data_dir: PathLike, *, batch_size: in
     net = create_model(model, pretrained=pretrained) if isinstance(model, str) else model
     net = net.to(info.device).eval()
     mapping = _target_map(label_names(net), data.classes, net.num_classes, root)
-    samples = data.samples if mapping is None else [(p, mapping[t]) for p, t in data.samples]
     cfg = eval_data_config(net, img_size)
-    dataset = ImageFolderDataset(samples, create_transform(**cfg, is_training=False))
+    workers = decode_workers(info.device, info.world_size) if workers is None else workers
+    dataset = data.dataset(create_transform(**cfg, is_training=False), decode_threads(workers, info.world_size),
+                           targets=None if mapping is None else [mapping[t] for _, t in data.samples])
     start = time.perf_counter()
-    workers = default_workers() if workers is None else workers
     result = evaluate(net, dataset, batch_size=batch_size, workers=workers, device=info.device,
                       amp=info.device.type == 'cuda', progress=progress)
     result.update({

@@ -1,1 +1,1 @@
-from .ema import EMA, ema_groups
+from .ema import EMA, ema_groups, implementation

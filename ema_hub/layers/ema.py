@@ -53,7 +53,16 @@ if torch.cuda.is_available() and os.environ.get('EMA_HUB_NATIVE', '1') != '0':
     except ImportError:
         pass
 
-__all__ = ['EMA', 'ema_groups']
+__all__ = ['EMA', 'ema_groups', 'implementation']
+
+
+def implementation(device: str) -> str:
+    """Which kernels compute the eager fp32 forward (and backward) on ``device`` here, in words."""
+    if device == 'cuda':
+        return ('Triton kernels (ema_hub/layers/ema_triton.py)' if ema_triton is not None
+                else 'PyTorch ops (Triton is missing or EMA_HUB_NATIVE=0)')
+    return ('compiled kernels (ema_hub/layers/ema_forward.c, ema_backward.c)' if native.available()
+            else 'PyTorch ops (the compiled kernels are off or did not build)')
 
 
 def ema_groups(channels: int, factor: int) -> int:
