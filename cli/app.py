@@ -282,10 +282,10 @@ def benchmark(
                              'eager and torch.compile.')] = BenchDevice.cpu,
         threads: Annotated[int, typer.Option('--threads', min=1, help='CPU threads (the targets are set for 2).')] = 2,
         batch: Annotated[Optional[int], typer.Option(
-            '--batch', min=1, show_default=False, help='Batch size \[default: 8 on cpu (2 with --quick), 256 on '
+            '--batch', min=1, show_default=False, help='Batch size \\[default: 8 on cpu (2 with --quick), 256 on '
                                                        'cuda].')] = None,
         repeats: Annotated[Optional[int], typer.Option(
-            '--repeats', min=1, show_default=False, help='Timed rounds per measurement \[default: 7, 1 with '
+            '--repeats', min=1, show_default=False, help='Timed rounds per measurement \\[default: 7, 1 with '
                                                          '--quick].')] = None,
         quick: Annotated[bool, typer.Option(
             '--quick', help='Small shapes, one round: checks that it runs; the numbers mean nothing.')] = False,

@@ -4,11 +4,10 @@ worker policy, and ImageFolder scanning.
 A file that cannot be used (missing, not an image, truncated, a decompression bomb) never stops a loop: its
 ``Sample`` carries the reason instead of a tensor, and callers report or skip it.
 
-The worker policy (``decode_workers``), measured on a 2-core machine classifying 3000x2000 JPEGs: decoding in
-DataLoader processes beside a model that runs on the same cores only makes them compete (with two processes
-the run took 1.2x as long as decoding in the main process), so with the model on the CPU the main process
-decodes each chunk with a thread per core (Pillow and torch release the GIL) between model batches. With the
-model on an accelerator, worker processes decode while it computes.
+The worker policy (``decode_workers``): decoding in DataLoader processes beside a model that runs on the same
+cores only makes them compete, so with the model on the CPU the main process decodes each chunk with a thread
+per core (Pillow and torch release the GIL) between model batches; with the model on an accelerator, worker
+processes decode while it computes. The README's classify benchmark has the measurements.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor

@@ -25,12 +25,12 @@ So the layer is a few memory-bound passes over x. Two forms of the same algebra:
   gradient, plus chunk-sized temporaries (and, for maps of at most 256 pixels, the gate product).
 * Traceable (``ema_traceable``): plain differentiable ops, for TorchScript, FX, torch.compile/export,
   autocast and double backward. On CUDA, inference under autocast or torch.compile takes the Triton kernels
-  instead (``_gpu_inference``): compiled, the traceable form costs resnet50_ema 4.5x resnet50 on an H200.
+  instead (``_gpu_inference``): compiled, the traceable form is several times slower there.
 
 Cost model (CPU): the layer is memory bound, a fresh full-size buffer costs page faults on first touch,
 and some kernels are slow at these shapes (a one-output-channel conv2d through oneDNN, var_mean over H, W,
 broadcasts along a short innermost axis, indexing backward that zero-fills a full-size gradient); each
-choice below names its measurement. The straightforward form lives in ema_hub/reference.py (test oracle,
+choice below says which of these it avoids (the measurements are in the README, "Speed"). The straightforward form lives in ema_hub/reference.py (test oracle,
 benchmark baseline); ``ema-hub benchmark`` times them side by side.
 """
 import functools
@@ -192,8 +192,8 @@ def _shift(pooled: torch.Tensor, gates: torch.Tensor, h: int) -> torch.Tensor:
     """A per-channel constant close to mean(a), subtracted from a (n, c, 1, 1).
 
     gn(a) does not change when a per-channel constant is subtracted from a, but the variance computed as
-    E[a^2] - E[a]^2 cancels catastrophically in fp32 when |mean| >> std (relative error 1e-4 at mean/std = 12,
-    vs 5e-8 for torch.var_mean, which is 15-25x slower here). mean_h(gate_h * row mean of x) * mean_w(gate_w)
+    E[a^2] - E[a]^2 cancels catastrophically in fp32 when |mean| >> std (and torch.var_mean, which does not,
+    is many times slower here). mean_h(gate_h * row mean of x) * mean_w(gate_w)
     is within about a standard deviation of mean(a), which removes the cancellation at no extra pass.
     Detached: the function does not depend on it, so neither does its exact gradient.
     """
@@ -254,8 +254,8 @@ def _add_shifted_taps(out: torch.Tensor, z: torch.Tensor) -> None:
     """Adds a zero-padded 3x3 correlation from its per-tap maps: out[p, q] += sum_ij z[i, j, p + i - 1, q + j - 1].
 
     z is (n, 3, 3, H, W), out (n, H, W); each tap map is added in place where it lands inside the map, which
-    is s1 . conv3x3(x) with s1 folded into the taps (a (9, c) matmul makes z). A one-output-channel conv2d is
-    several times slower through oneDNN on CPU (stage 1: 17 ms vs 2.3 ms).
+    is s1 . conv3x3(x) with s1 folded into the taps (a (9, c) matmul makes z): a one-output-channel conv2d is
+    several times slower through oneDNN on CPU.
     """
     h, w = z.shape[3], z.shape[4]
     rows = z.unbind(1)
@@ -285,7 +285,7 @@ def ema_traceable(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_
     gates = _gates(pooled, params[0], params[1])
     # a - shift = x * gate_h * gate_w - shift as a product and a fused multiply-add (one full-size buffer).
     a = torch.addcmul(-_shift(pooled, gates, h), gx * gates[:, :, :h].unsqueeze(3), gates[:, :, h:].unsqueeze(2))
-    # sum a^2 as a squared vector_norm (torch.var_mean over a spatial axis is ~10x slower on CPU).
+    # sum a^2 as a squared vector_norm (torch.var_mean over a spatial axis is much slower on CPU).
     s, q = a.sum((2, 3)), torch.linalg.vector_norm(a, dim=(2, 3)).square()
     k, bias, taps_mix = _coefficients(_edge_sums(rows, cols, corners), s, q, params, tap_edges, eps, h * w)[:3]
     return (gx * torch.sigmoid(_cross(gx, a, k, bias, taps_mix)).unsqueeze(1)).reshape(x.shape)
@@ -358,10 +358,7 @@ def _forward_gpu(x: torch.Tensor, groups: int, params: List[torch.Tensor], tap_e
 
 # The largest temporaries (the (n, 9, P) tap maps, 9/c times x's size, and e = da * x) are made a chunk of
 # the batch at a time, at most this many bytes, in one reused buffer: a fresh buffer of x's size costs page
-# faults on first touch (in resnet50_ema's training step, a stage-1 product into a fresh buffer took 17 ms
-# under the profiler, into a reused one 1.3 ms). The stage-1 layer against the unchunked version (median
-# of 12, alternating order): inference 10.7 -> 9.4 ms, training step 44.5 -> 37.5 ms; 4 MiB chunks were
-# 8 % slower than 8 MiB at the stage-1 tap maps, 16 MiB no faster.
+# faults on first touch, and smaller chunks were slower, larger ones no faster.
 _CHUNK_BYTES = 1 << 23
 
 
@@ -388,11 +385,11 @@ def _gated(gx: torch.Tensor, gates: torch.Tensor, shift: torch.Tensor, out: torc
     Products with a gate broadcast along a short innermost axis are slow (a multiply by gate_h at 7x7 takes
     as long as three contiguous passes), so small maps use the gate product gate_h x gate_w (``_gate_product``,
     one such broadcast instead of two; the backward passes the one it keeps) and one contiguous pass for the
-    rest: with the shift, 14x14 0.95 -> 0.54 ms and 7x7 0.95 -> 0.43 ms.
+    rest.
     """
     h = gx.shape[2]
     if _small(gx):
-        # One fused pass: 14x14 0.43 -> 0.23 ms and 7x7 0.17 -> 0.11 ms against a multiply and a subtraction.
+        # One fused pass instead of a multiply and a subtraction.
         return torch.addcmul(-shift, _gate_product(gates, h, out) if product is None else product, gx, out=out)
     return torch.addcmul(-shift, torch.mul(gx, gates[:, :, :h].unsqueeze(3), out=out), gates[:, :, h:].unsqueeze(2),
                          out=out)
@@ -404,9 +401,9 @@ def _gate_product(gates: torch.Tensor, h: int, out: Optional[torch.Tensor] = Non
 
 
 # Maps of up to this many pixels are "small": pooling and edge sums are one matmul against a constant
-# (P, H+W+9) matrix (stage 4, 7x7: 0.18 ms instead of 0.52 ms for row sums, column sums and a corner gather;
-# above it the matrix grows as P^1.5 and the separate reductions win, 28x28: 0.66 ms vs 1.5 ms), and the
-# gating goes through the gate product (``_gated``), as do the backward's gate gradients.
+# (P, H+W+9) matrix (faster than separate reductions on small maps; above it the matrix grows as P^1.5 and
+# the reductions win), and the gating goes through the gate product (``_gated``), as do the backward's
+# gate gradients.
 _SMALL_MAP_PIXELS = 256
 
 
@@ -517,8 +514,7 @@ class _EMAFunction(torch.autograd.Function):
         pixels = h * w
         gates = _gates(pooled, w1, b1)  # recomputed: cheaper than keeping (n, c, H + W) per layer
         shift = _shift(pooled, gates, h)
-        # The compiled backward, on maps of every size since the faster forward (layer train step against the
-        # PyTorch ops' gate-product path, 2 threads: 14x14 10.1 -> 7.5 ms, 10x10 5.8 -> 4.6, 7x7 7.3 vs 7.5).
+        # The compiled backward on maps of every size: no slower than the PyTorch ops even on the smallest.
         if native.supports(gx, params) and dy.dtype == torch.float32:
             dx, dk, dlogit, dbias, du, d_taps_mix = native.backward(
                 gx, dy.contiguous(), gate, gates, shift.view(n, c), [k, mu, var, rstd, s2], params, taps_e, taps_mix)
@@ -553,13 +549,13 @@ def _backward_full_size(gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, 
     # later holds da and finally the input gradient: the one full-size allocation of the backward (besides,
     # for small maps, the gate product).
     buf = torch.mul(dy, gx)
-    # The channel sum as a matmul with ones: faster than sum(1) (stage 1: 0.67 vs 0.87 ms).
+    # The channel sum as a matmul with ones: faster than sum(1).
     g = torch.bmm(buf.new_ones(1, 1, c).expand(n, 1, c), buf.view(n, c, pixels)).view(n, h, w)
     g.mul_(gate * (1 - gate))
     small = _small(gx)
     product = _gate_product(gates, h) if small else None  # small maps keep it: da and e are multiplied by it
     a = _gated(gx, gates, shift, buf, product)
-    # As g^T a^T: 1.4-2.4x faster than the matrix-vector product a g at these shapes.
+    # As g^T a^T: faster than the matrix-vector product a g at these shapes.
     dk = torch.bmm(g.view(n, 1, pixels), a.view(n, c, pixels).transpose(1, 2)).view(n, c)
     dbias = g.sum((1, 2))
 
@@ -575,7 +571,7 @@ def _backward_full_size(gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, 
     ds = (dmu - 2 * mu * dvar) / pixels
 
     # da = 2 dq a + k g + ds, in place: three in-place passes are faster than one out-of-place addcmul with
-    # two per-channel broadcasts (stage 1: 1.4 vs 2.2 ms). The gates' gradients are sums of e = da * x along
+    # two per-channel broadcasts. The gates' gradients are sums of e = da * x along
     # rows (weighted by gate_w) and columns (by gate_h).
     da = a.mul_((2 * dq).view(n, c, 1, 1)).addcmul_(k.view(n, c, 1, 1), g.view(n, 1, h, w))
     da.add_(ds.view(n, c, 1, 1))
@@ -592,7 +588,7 @@ def _backward_full_size(gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, 
         e = gx.new_empty((chunks[0][1],) + gx.shape[1:])
         for i, j in chunks:  # (matmul's out= must be contiguous: a strided one falls back to a slow loop)
             ec = torch.mul(da[i:j], gx[i:j], out=e[:j - i])
-            # Both as a row vector times a matrix: for the row sums, gw^T e^T is 1.8-1.9x faster than e gw.
+            # Both as a row vector times a matrix: for the row sums, gw^T e^T is faster than e gw.
             torch.matmul(gw[i:j], ec.transpose(2, 3), out=dgh[i:j])
             torch.matmul(gh[i:j].transpose(2, 3), ec, out=dgw[i:j])
         du = torch.cat([dgh.view(n, c, h), dgw.view(n, c, w)], 2).mul_(gates * (1 - gates))

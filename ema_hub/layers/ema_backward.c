@@ -31,9 +31,7 @@ typedef struct {
 /* Per-thread scratch. The full-size steps run over a channel's whole map as one flat vector of P pixels:
    along rows of 7 or 14 pixels most of a vector's lanes would idle and each row end in a scalar tail. What
    depends on the row or the column (the gate product, the pooling's share, du's sums) is laid out per pixel
-   first or done in a short pass of its own. Against the kernel that went row by row, the layer's training
-   step (2 threads, batch 8, interleaved): 14x14 6.81 -> 5.45 ms, 7x7 7.17 -> 5.93, 28x28 7.85 -> 7.03,
-   56x56 12.61 -> 12.67. */
+   first or done in a short pass of its own: rows of 7 or 14 pixels left most vector lanes idle. */
 typedef struct {
     float *z;                        /* (9, P): g shifted for each 3x3 tap (zero outside the map); tap 4 is g */
     float *gp;                       /* g's pixel (i, j) at [(i + 1) Wp + j + 1]; the border stays zero */
@@ -151,8 +149,7 @@ static void group_backward(const BackArgs *A, long g, float *scratch) {
     /* 4. da = 2 dq (a - shift) + k g + ds; dx's place keeps da gate_h gate_w, the input gradient's first term.
        The gates' gradients: du_h[i] = gate_h' sum_j da x gate_w and du_w[j] = gate_w' sum_i da x gate_h, which
        are (1 - gate) times the row and column sums of da gate_h gate_w x. (Those products are made in the
-       sums' pass, not stored by the flat one: with an array of them the layer's training step was 9 % slower
-       at 56x56.) */
+       sums' pass, not stored by the flat one: an array of them costs a full-size write and read.) */
     for (long ch = 0; ch < c; ch++) {
         const float *gh = gates + ch * L, *gw = gh + H, *xc = x + ch * P;
         const float sh = shift[ch], q2 = 2.f * dq[ch], kc = k[ch], sc = ds[ch];

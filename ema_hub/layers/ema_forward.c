@@ -170,8 +170,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     /* 1. Row and column sums, edge sums, pooled means; x copied into its padded rows. As step 3, in whole
        vectors along each row with the lanes past its end masked (the copy stores them as zeros into the padding
        and the next row, which overwrites them); a row whose vectors would read past the end of x is done a
-       float at a time. Against a vectorised loop per row (the kernel): 56x56 3.11 -> 2.96 ms, 28x28 1.87 ->
-       1.74, 14x14 1.49 -> 1.26, 7x7 1.78 -> 1.57. */
+       float at a time. Faster than a vectorised loop per row at every ResNet-50 stage, most on short rows. */
     const long Wx = (W + 15) / 16 * 16;
     const long x_size = A->n * c * P;
     for (long j = 0; j < Wx; j++) colmask[j] = j < W ? -1 : 0;
@@ -223,7 +222,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     /* 3. a - shift (the shift of _shift), into apad, and its sum and sum of squares. Whole vectors along each
        padded row, lanes past its end masked (stored as zeros, overwritten by the next row), summed in vector
        registers over the channel: a short row then costs one vector, not a vector, a scalar tail and a
-       horizontal sum (the kernel, against per-row sums: 14x14 1.69 -> 1.42 ms, 7x7 1.91 -> 1.63). */
+       horizontal sum. */
     float *sums = A->sums + g * c, *squares = A->sums + A->n * c + g * c;
     const long Wq = (Wp + 15) / 16 * 16;
     for (long j = 0; j < Wq; j++) rowmask[j] = j < Wp ? -1 : 0;
@@ -288,11 +287,9 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
 
     /* 5. cross = bias + k . a + the 3x3 correlation of x with taps_mix. First the nine tap maps over the padded
        layout, z_t = sum_ch taps_mix[t][ch] x_ch (the centre tap's also takes k . a), 16 pixels at a time in
-       registers, one read of x and of a per channel; then cross[p] = bias + sum_t z_t shifted by tap t. Its
-       cycle count here is about one per 16-wide FMA (ten per channel and pixel). Summing the taps per channel
-       into cross instead, with nine unaligned reads of x each, took 32 % of the kernel at stage 1 against 24 %
-       now; the kernel, the two interleaved: 3.55 -> 3.36 ms at 56x56, 2.14 -> 2.00 at 28x28, 1.78 -> 1.67 at
-       14x14, 2.08 -> 1.86 at 7x7. */
+       registers, one read of x and of a per channel; then cross[p] = bias + sum_t z_t shifted by tap t: about
+       one cycle per 16-wide FMA, where summing the taps per channel into cross, with nine unaligned reads of x
+       each, was slower at every stage. */
     const float *tm = S->taps_mix;
     for (long q0 = 0; q0 < XS; q0 += 16) {
         v16 zt[9] = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};

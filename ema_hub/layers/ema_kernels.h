@@ -31,8 +31,8 @@ static float *carve(float *base, long *used, long n) {
 
 /* out (m, L) = wt^T in: out[o][t] = sum_k wt[k][o] in[k][t], k < kn, with wt's rows zero-padded to cv * 16
    floats (m <= cv * 16). 16 outputs by 8 positions at a time, in registers: a single chain of FMAs along a
-   short row is latency bound (the forward's gates at 7x7; the backward's dpooled, 1.5 of 4.9 ms there), and
-   eight chains hide that latency better than four (the gates: 18 -> 13 % of the forward kernel at 7x7). */
+   short row is latency bound (the forward's gates and the backward's dpooled at 7x7), and eight chains hide
+   that latency better than four. */
 static void matmul_t16(const float *wt, long cv, long m, long kn, const float *in, long L, float *out) {
     for (long ov = 0; ov < cv; ov++) {
         const long no = m - ov * 16 < 16 ? m - ov * 16 : 16;

@@ -1,8 +1,8 @@
 """EMA's GPU forward as two Triton kernels, one program per group (c channels of one sample).
 
 As PyTorch ops, or as what torch.compile makes of them, the layer is many passes over the input with
-batched matrix products of tiny inner sizes in between: on an H200 (bf16, channels_last, batch 256) the
-paper's form and the traceable form both cost resnet50_ema 4.5x resnet50's compiled time. Here:
+batched matrix products of tiny inner sizes in between, several times resnet50's own compiled time on an
+H200 (the README's "Speed" section has the figures). Here:
 
 * ``pool``: row and column means and the nine edge sums per channel, one read of the input;
 * PyTorch between them (``ema._forward_gpu``): the gates, the shift and s2, small batched matrix products;
