@@ -1,7 +1,8 @@
-"""Speed and memory of the fast EMA layer against the paper's straightforward form, alone and in ResNet-50.
+"""Speed and memory of EMA against the paper's straightforward form, alone and in ResNet-50, in every mode a
+model runs in: eager, torch.compile and onnxruntime on the CPU (eager and torch.compile on CUDA).
 
-Run ``ema-hub benchmark [--quick] [--threads 2] [--batch 8] [--repeats N] [--device cpu|cuda]`` (or
-``python -m ema_hub_benchmarks.speed`` with the same options).
+Run ``ema-hub benchmark [--quick] [--modes eager,compiled,onnxruntime] [--threads 2] [--batch 8] [--repeats N]
+[--device cpu|cuda]`` (or ``python -m ema_hub_benchmarks.speed`` with the same options).
 
 Everything runs in one process and the candidates are interleaved round-robin (each repeat times every
 candidate once, in turn, the order reversed every other round), so that load on a shared machine and one
@@ -9,13 +10,14 @@ candidate's after-effects hit all of them alike. Times are medians over repeats;
 median of the per-round ratios, each taken between two runs seconds apart, so a stretch of load on the
 machine moves both sides of it.
 
-* Layer: ``ema_hub.EMA`` vs ``ema_hub.reference.ReferenceEMA`` (same parameters) at the four ResNet-50
+* Layer (eager): ``ema_hub.EMA`` vs ``ema_hub.reference.ReferenceEMA`` (same parameters) at the four ResNet-50
   stage shapes, inference (``torch.inference_mode``) and a training step (forward + backward w.r.t. the
   input and the parameters). Target: the fast layer >= 2x faster at each shape, both modes.
-* Network: ``resnet50_ema`` (EMA in every bottleneck) and the same network with the reference layer, each
-  timed against ``resnet50`` in a pair of its own. Inference latency (target ratio <= 1.25, stretch
-  <= 1.15), training step time (forward + backward in train mode, target <= 1.35) and training peak memory
-  (target <= 1.25).
+* Networks, per mode: ``resnet50_ema`` (EMA in every bottleneck) and the same network with the paper's form
+  of the layer, each timed against ``resnet50`` run the same way in a pair of its own, and against each
+  other. Inference latency and the training step (forward + backward in train mode; not in onnxruntime).
+  In eager mode also training peak memory. Targets: TARGETS below; onnxruntime's also compares the export time
+  of resnet50_ema with resnet50's (``torch.onnx.export``, the same exporter).
 
 Training peak memory is counted exactly from the CPU allocator's events (torch.profiler, profile_memory):
 parameters, buffers and the input, plus the most that one training step (activations autograd keeps,
@@ -24,9 +26,8 @@ process's fixed footprint (libraries, allocator slack) is left out, which makes 
 one of peak RSS. The activation memory autograd keeps for backward (unique storages, weights excluded,
 counted with saved_tensors_hooks) is printed beside it.
 
-On CUDA (``--device cuda``) the network runs channels_last under bf16 autocast (batch 256 unless given)
-and reports throughput in images/s, plus a ``torch.compile`` variant of each network (target: compiled
-resnet50_ema within 1.2x of compiled resnet50).
+On CUDA (``--device cuda``) the networks run channels_last under bf16 autocast (batch 256 unless given)
+and report throughput in images/s.
 """
 import argparse
 import itertools
@@ -42,19 +43,21 @@ from ema_hub.layers import EMA, implementation
 from ema_hub.reference import ReferenceEMA, with_reference_layers
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
-# The targets this benchmark checks: the fast layer's speedup over the paper's form at every stage shape, both
-# modes; the networks' ratios over resnet50 (times and peak memory).
+MODES = {'cpu': ('eager', 'compiled', 'onnxruntime'), 'cuda': ('eager', 'compiled')}
 LAYER_SPEEDUP = 2.0
-NETWORK_TARGETS = {'network inference ratio <= 1.25': ('inf_ratio', 1.25),
-                   'network inference ratio <= 1.15 (stretch)': ('inf_ratio', 1.15),
-                   'network train-step ratio <= 1.35': ('tr_ratio', 1.35),
-                   'network training peak memory ratio <= 1.25': ('peak_ratio', 1.25)}
-GPU_TARGETS = {'compiled throughput ratio <= 1.2': ('+compile', 1.2)}
+# (mode, measurement, bound): resnet50_ema over resnet50 run the same way; 'export' is the ONNX export time.
+TARGETS = {
+    'cpu': [('eager', 'inference', 1.25), ('eager', 'inference', 1.15), ('eager', 'train', 1.35),
+            ('eager', 'peak memory', 1.25), ('compiled', 'inference', 1.25), ('compiled', 'inference', 1.10),
+            ('compiled', 'train', 1.40), ('onnxruntime', 'inference', 1.30), ('onnxruntime', 'inference', 1.15),
+            ('onnxruntime', 'export', 2.0)],
+    'cuda': [('compiled', 'inference', 1.2)],
+}
 
 
-def cpu_target_count() -> int:
-    """How many targets a CPU run checks (and prints, MET or NOT MET)."""
-    return 2 * len(STAGES) + len(NETWORK_TARGETS)
+def cpu_target_count(modes=MODES['cpu']) -> int:
+    """How many targets a CPU run over ``modes`` checks (and prints, MET or NOT MET)."""
+    return 2 * len(STAGES) + sum(mode in modes for mode, _, _ in TARGETS['cpu'])
 
 
 def _sync(device: str) -> None:
@@ -95,9 +98,9 @@ def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callab
     return step
 
 
-def _infer(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _infer(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> Callable[[], None]:
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             model(x)
     return run
 
@@ -164,6 +167,8 @@ def bench_layer(batch: int, repeats: int, quick: bool, device: str, warmup: int 
 
 
 NETWORKS = ['resnet50', 'resnet50_ema', 'paper_form']
+# The pairs each mode times: every network against resnet50, and resnet50_ema against the paper's form.
+PAIRS = [('resnet50_ema', 'resnet50'), ('paper_form', 'resnet50'), ('resnet50_ema', 'paper_form')]
 
 
 def _network(name: str) -> nn.Module:
@@ -173,53 +178,78 @@ def _network(name: str) -> nn.Module:
     return timm.create_model(name)
 
 
-def _networks(device: str) -> Dict[str, nn.Module]:
-    return {k: _network(k).to(device) for k in NETWORKS}
+class _Runners:
+    """The callables a mode times, made once per network and kind (compiling and exporting are slow)."""
+
+    def __init__(self, mode: str, nets: Dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, threads: int,
+                 folder: str, autocast: bool = False):
+        self.mode, self.nets, self.x, self.grad, self.threads, self.folder = mode, nets, x, grad, threads, folder
+        self.autocast = autocast
+        self.export_s: Dict[str, float] = {}
+        self._made: Dict[tuple, Callable[[], None]] = {}
+
+    def get(self, name: str, kind: str) -> Optional[Callable[[], None]]:
+        if kind == 'train' and self.mode == 'onnxruntime':
+            return None
+        key = (name, kind)
+        if key not in self._made:
+            self._made[key] = self._make(name, kind)
+        return self._made[key]
+
+    def _make(self, name: str, kind: str) -> Callable[[], None]:
+        net = self.nets[name].train(kind == 'train')
+        if self.mode == 'onnxruntime':
+            return self._onnx(name, net)
+        model = torch.compile(net) if self.mode == 'compiled' else net
+        if kind == 'train':
+            return _train_step(model, self.x, self.grad)
+        return _infer(model, self.x, self.autocast)
+
+    def _onnx(self, name: str, net: nn.Module) -> Callable[[], None]:
+        from ema_hub.export import export_module, onnx_session
+        path = f'{self.folder}/{name}.onnx'
+        report = export_module(net, path, tuple(self.x.shape))
+        self.export_s[name] = report.export_s
+        session = onnx_session(path, self.threads)
+        feed = {session.get_inputs()[0].name: self.x.numpy()}
+        return lambda: session.run(None, feed)
 
 
-def bench_network_cpu(batch: int, repeats: int, img: int, threads: int, warmup: int) -> Dict[str, dict]:
-    """Each network against resnet50 in a pair of its own (A B B A ...): a ratio is never skewed by a third
-    network's memory traffic landing on one side only. resnet50's row shows its time from the first pair."""
-    nets = _networks('cpu')
-    x = torch.randn(batch, 3, img, img)
-    grad = torch.randn(batch, 1000)
-    base = nets['resnet50']
-    res = {k: {} for k in nets}
-    for mode, measure in (('inf', lambda m: _infer(m, x)), ('tr', lambda m: _train_step(m, x, grad))):
-        for m in nets.values():
-            m.train(mode == 'tr')
-        for k in NETWORKS[1:]:
-            t = _interleaved({'resnet50': measure(base), k: measure(nets[k])}, repeats, 'cpu', warmup)
-            res[k][mode], res[k][mode + '_ratio'] = statistics.median(t[k]), _ratio(t, k, 'resnet50')
-            res['resnet50'].setdefault(mode, statistics.median(t['resnet50']))
-        res['resnet50'][mode + '_ratio'] = 1.0
-    for k, m in nets.items():
-        res[k]['peak'], res[k]['saved'] = _training_peak_bytes(m, x, grad), _saved_activation_bytes(m, x)
-    return res
+def bench_networks(device: str, modes: List[str], batch: int, repeats: int, img: int, threads: int,
+                   warmup: int) -> Dict[str, dict]:
+    """Per mode and kind (inference, train): each pair of ``PAIRS`` timed interleaved (A B B A ...), so a ratio is
+    never skewed by a third network's memory traffic landing on one side only. Returns
+    ``{mode: {kind: {'ms': {net: ms}, 'ratio': {(a, b): ratio}}}}``, plus eager memory and the export times."""
+    import tempfile
 
-
-def bench_network_cuda(batch: int, repeats: int) -> Dict[str, dict]:
-    nets = _networks('cuda')
-    x = torch.randn(batch, 3, 224, 224, device='cuda').contiguous(memory_format=torch.channels_last)
-    out = {}
-    fns = {}
-    for k, m in nets.items():
-        m = m.eval().to(memory_format=torch.channels_last)
-        fns[k] = m
-        fns[k + '+compile'] = torch.compile(m)
-
-    def run(m):
-        def f():
-            with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-                m(x)
-        return f
-    t = _interleaved({k: run(m) for k, m in fns.items()}, repeats, 'cuda', warmup=3)
-    for k, times in t.items():
-        sec = statistics.median(times)
-        # eager against eager resnet50, compiled against compiled
-        base = 'resnet50' + ('+compile' if k.endswith('+compile') else '')
-        out[k] = dict(inf=sec, throughput=batch / sec, ratio=_ratio(t, k, base))
-    return out
+    torch.manual_seed(0)
+    nets = {k: _network(k).to(device) for k in NETWORKS}
+    x = torch.randn(batch, 3, img, img, device=device)
+    if device == 'cuda':
+        nets = {k: m.to(memory_format=torch.channels_last) for k, m in nets.items()}
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(batch, 1000, device=device)
+    results: Dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for mode in modes:
+            runners = _Runners(mode, nets, x, grad, threads, folder, autocast=device == 'cuda')
+            results[mode] = {}
+            for kind in (('inference',) if device == 'cuda' else ('inference', 'train')):
+                if runners.get('resnet50', kind) is None:
+                    continue
+                ms, ratio = {}, {}
+                for a, b in PAIRS:
+                    t = _interleaved({b: runners.get(b, kind), a: runners.get(a, kind)}, repeats, device, warmup)
+                    ratio[(a, b)] = _ratio(t, a, b)
+                    for k in (a, b):
+                        ms.setdefault(k, statistics.median(t[k]) * 1e3)
+                results[mode][kind] = {'ms': ms, 'ratio': ratio}
+            if runners.export_s:
+                results[mode]['export_s'] = runners.export_s
+    if 'eager' in modes and device == 'cpu':
+        results['eager']['memory'] = {k: (_training_peak_bytes(m.train(), x, grad), _saved_activation_bytes(m, x))
+                                      for k, m in nets.items()}
+    return results
 
 
 def _fmt_ms(sec: float) -> str:
@@ -227,65 +257,98 @@ def _fmt_ms(sec: float) -> str:
 
 
 def run(device: str = 'cpu', threads: int = 2, batch: Optional[int] = None, repeats: Optional[int] = None,
-        quick: bool = False) -> Dict[str, bool]:
+        quick: bool = False, modes: Optional[List[str]] = None) -> Dict[str, bool]:
     """Measures and prints the tables; returns each target's name and whether this run met it.
 
-    batch: 8 on CPU (2 with ``quick``), 256 on CUDA; repeats: timed rounds per measurement, 7 (1 with ``quick``).
-    ``quick`` shrinks the shapes to check that everything runs: its numbers mean nothing.
+    batch: 8 on CPU (2 with ``quick``), 256 on CUDA; repeats: timed rounds per measurement, 7 (1 with ``quick``);
+    modes: a subset of ``MODES[device]`` (default: all). ``quick`` shrinks the shapes to check that everything
+    runs: its numbers mean nothing.
     """
     if device == 'cuda' and not torch.cuda.is_available():
         raise UsageError('CUDA is not available on this machine: benchmark with --device cpu')
+    modes = list(modes or MODES[device])
+    unknown = [m for m in modes if m not in MODES[device]]
+    if unknown:
+        raise UsageError(f'unknown mode(s) {", ".join(unknown)} on {device}; use {", ".join(MODES[device])}')
     torch.set_num_threads(threads)
     repeats = repeats or (1 if quick else 7)
     warmup = 0 if quick else 1
     met: Dict[str, bool] = {}
-
     if device == 'cuda':
         batch = batch or 256
-        print(f'# CUDA {torch.cuda.get_device_name()}, bf16 autocast, channels_last, batch {batch}, median of {repeats}')
+        print(f'# CUDA {torch.cuda.get_device_name()}, bf16 autocast, channels_last, batch {batch}, '
+              f'{repeats} interleaved rounds; torch {torch.__version__}')
         print(f'# EMA forward: {implementation("cuda")}')
-        res = bench_network_cuda(batch, repeats)
-        print(f'{"network":24s} {"ms":>9s} {"img/s":>9s}')
-        for k, r in res.items():
-            print(f'{k:24s} {_fmt_ms(r["inf"])} {r["throughput"]:9.0f}')
-        ratios = {tag: res['resnet50_ema' + tag]['ratio'] for tag in ('', '+compile')}
-        for tag, ratio in ratios.items():
-            print(f'ratio resnet50_ema{tag}/resnet50{tag} inference: {ratio:.2f}')
-        for name, (tag, bound) in GPU_TARGETS.items():
-            met[name] = ratios[tag] <= bound
-        _print_targets(met)
-        return met
+        img = 224
+    else:
+        batch = batch or (2 if quick else 8)
+        print(f'# CPU, {threads} threads, fp32, batch {batch}, {repeats} interleaved rounds '
+              '(times: medians; ratios: medians of the per-round ratios)'
+              + (' (QUICK: reduced shapes, numbers not meaningful)' if quick else ''))
+        print(f'# EMA forward and backward: {implementation("cpu")}')
+        _print_layer(bench_layer(batch, repeats, quick, 'cpu', warmup), met)
+        img = 32 if quick else 224
+    res = bench_networks(device, modes, batch, repeats, img, threads, warmup)
+    _print_networks(res, img, batch)
+    _check_targets(device, res, met)
+    _print_targets(met)
+    return met
 
-    batch = batch or (2 if quick else 8)
-    print(f'# CPU, {threads} threads, fp32 eager, batch {batch}, {repeats} interleaved rounds '
-          '(times: medians; ratios: medians of the per-round ratios)'
-          + (' (QUICK: reduced shapes, numbers not meaningful)' if quick else ''))
-    print(f'# EMA forward and backward: {implementation("cpu")}')
-    print('## layer: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
-    print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} {"speedup":>8s}')
-    for r in bench_layer(batch, repeats, quick, 'cpu', warmup):
+
+def _print_layer(rows: List[dict], met: Dict[str, bool]) -> None:
+    print('## layer, eager: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
+    print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} '
+          f'{"speedup":>8s}')
+    for r in rows:
         si, st = r['inf_speedup'], r['tr_speedup']
         met[f'layer {r["shape"]} inference speedup >= {LAYER_SPEEDUP:g}x'] = si >= LAYER_SPEEDUP
         met[f'layer {r["shape"]} train speedup >= {LAYER_SPEEDUP:g}x'] = st >= LAYER_SPEEDUP
         print(f'{r["shape"]:14s} {_fmt_ms(r["inf_ref"])} {_fmt_ms(r["inf_ema"])} {si:7.2f}x '
               f'{_fmt_ms(r["tr_ref"])} {_fmt_ms(r["tr_ema"])} {st:7.2f}x')
 
-    img = 32 if quick else 224
-    print(f'## network: {img}x{img} (ms; peak = training peak MiB; saved = activation MiB autograd keeps for '
-          'backward; ratio = network / resnet50, timed in pairs)')
-    net = bench_network_cpu(batch, repeats, img, threads, warmup)
-    base = net['resnet50']
-    print(f'{"network":14s} {"inference":>9s} {"ratio":>6s} {"train":>9s} {"ratio":>6s} {"peak MiB":>9s} {"ratio":>6s} '
-          f'{"saved MiB":>9s} {"ratio":>6s}')
-    for k, r in net.items():
-        print(f'{k:14s} {_fmt_ms(r["inf"])} {r["inf_ratio"]:6.2f} {_fmt_ms(r["tr"])} {r["tr_ratio"]:6.2f} '
-              f'{r["peak"] / 2**20:9.1f} {r["peak"] / base["peak"]:6.2f} {r["saved"] / 2**20:9.1f} '
-              f'{r["saved"] / base["saved"]:6.2f}')
-    ema = dict(net['resnet50_ema'], peak_ratio=net['resnet50_ema']['peak'] / base['peak'])
-    for name, (key, bound) in NETWORK_TARGETS.items():
-        met[name] = ema[key] <= bound
-    _print_targets(met)
-    return met
+
+def _print_networks(res: Dict[str, dict], img: int, batch: int) -> None:
+    print(f'## networks, {img}x{img}: ms per batch; ratios of resnet50_ema (ema) and the paper form (paper) over '
+          'resnet50 run the same way, and of ema over paper, each timed in a pair of its own')
+    print(f'{"mode":12s} {"kind":10s} {"resnet50":>9s} {"ema":>9s} {"paper":>9s} {"ema/r50":>8s} {"paper/r50":>9s} '
+          f'{"ema/paper":>9s} {"img/s ema":>9s}')
+    for mode, kinds in res.items():
+        for kind in ('inference', 'train'):
+            if kind not in kinds:
+                continue
+            ms, ratio = kinds[kind]['ms'], kinds[kind]['ratio']
+            print(f'{mode:12s} {kind:10s} {ms["resnet50"]:9.1f} {ms["resnet50_ema"]:9.1f} {ms["paper_form"]:9.1f} '
+                  f'{ratio[("resnet50_ema", "resnet50")]:8.2f} {ratio[("paper_form", "resnet50")]:9.2f} '
+                  f'{ratio[("resnet50_ema", "paper_form")]:9.2f} {batch / ms["resnet50_ema"] * 1e3:9.1f}')
+    if 'memory' in res.get('eager', {}):
+        memory = res['eager']['memory']
+        base_peak, base_saved = memory['resnet50']
+        print('## eager training memory (MiB; ratio over resnet50): peak of a training step, activations saved')
+        for name, (peak, saved) in memory.items():
+            print(f'{name:14s} {peak / 2**20:9.1f} {peak / base_peak:6.2f} {saved / 2**20:9.1f} '
+                  f'{saved / base_saved:6.2f}')
+    for mode, kinds in res.items():
+        if 'export_s' in kinds:
+            e = kinds['export_s']
+            print(f'## {mode} export (torch.onnx.export, checked): ' + ', '.join(f'{k} {v:.1f} s' for k, v in e.items())
+                  + f'; resnet50_ema / resnet50 {e["resnet50_ema"] / e["resnet50"]:.2f}')
+
+
+def _check_targets(device: str, res: Dict[str, dict], met: Dict[str, bool]) -> None:
+    for mode, kind, bound in TARGETS[device]:
+        if mode not in res:
+            continue
+        if kind == 'export':
+            e = res[mode]['export_s']
+            value = e['resnet50_ema'] / e['resnet50']
+            met[f'{mode} export time resnet50_ema / resnet50 <= {bound:g}'] = value <= bound
+        elif kind == 'peak memory':
+            memory = res[mode]['memory']
+            met[f'{mode} training peak memory ratio <= {bound:g}'] = \
+                memory['resnet50_ema'][0] / memory['resnet50'][0] <= bound
+        else:
+            value = res[mode][kind]['ratio'][('resnet50_ema', 'resnet50')]
+            met[f'{mode} {kind} ratio resnet50_ema / resnet50 <= {bound:g}'] = value <= bound
 
 
 def _print_targets(met: Dict[str, bool]) -> None:
@@ -301,9 +364,11 @@ def main(argv=None) -> int:
     ap.add_argument('--repeats', type=int, default=None, help='timed rounds per measurement (default 7, 1 with --quick)')
     ap.add_argument('--quick', action='store_true', help='small shapes and few repeats: checks that it runs')
     ap.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    ap.add_argument('--modes', default=None, help='comma-separated: eager, compiled, onnxruntime (default: all)')
     args = ap.parse_args(argv)
     try:
-        run(args.device, args.threads, args.batch, args.repeats, args.quick)
+        run(args.device, args.threads, args.batch, args.repeats, args.quick,
+            args.modes.split(',') if args.modes else None)
     except ValueError as e:
         ap.error(str(e))
     return 0

@@ -6,7 +6,7 @@ weights or data: an unknown model, no images given), 1 for every other failure.
 
 __all__ = [
     'EmaHubError', 'UsageError', 'WeightsUnavailableError', 'UnknownModelError', 'CorruptWeightsError',
-    'ShapeMismatchError', 'CheckpointKeysError', 'DataError', 'TrainingStateError',
+    'ShapeMismatchError', 'CheckpointKeysError', 'DataError', 'TrainingStateError', 'MissingDependencyError',
 ]
 
 
@@ -64,6 +64,10 @@ class DataError(EmaHubError, ValueError):
 class TrainingStateError(EmaHubError, ValueError):
     """A fine-tuning output folder's state does not fit this run: it already holds another (or a finished) run,
     or its checkpoint cannot be read or was trained on other classes."""
+
+
+class MissingDependencyError(EmaHubError, ImportError):
+    """An optional feature's packages are not installed; the message names the install command."""
 
 
 def _names(keys, limit: int = 5) -> str:

@@ -6,6 +6,7 @@ on disk). Loading is timm's own (``timm.create_model``); downloads go through hu
 ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply.
 """
 import contextlib
+import json
 import re
 import shutil
 import tempfile
@@ -243,6 +244,7 @@ def save_pretrained(
     model_config = {'label_names': list(label_names)} if label_names is not None else None
     timm.models.save_for_hf(
         model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    _without_duplicate_num_classes(folder / 'config.json')
     variant = model.pretrained_cfg['architecture']
     if metrics:
         card = render_card(variant, repo_id=repo_id, weights='trained', metrics=dict(
@@ -251,6 +253,15 @@ def save_pretrained(
         card = render_card(variant, repo_id=repo_id)
     (folder / 'README.md').write_text(card, encoding='utf-8')
     return folder
+
+
+def _without_duplicate_num_classes(config: Path) -> None:
+    """Drop ``num_classes`` from config.json's ``model_args``: transformers' TimmWrapper passes the class count
+    itself and then ``model_args`` as keywords, so the folder loaded in neither its pipeline nor AutoModel.
+    timm reads the count from the top level, where it stays."""
+    data = json.loads(config.read_text(encoding='utf-8'))
+    if isinstance(data.get('model_args'), dict) and data['model_args'].pop('num_classes', None) is not None:
+        config.write_text(json.dumps(data, indent=2) + '\n', encoding='utf-8')
 
 
 def publish(

@@ -4,8 +4,8 @@ with the system's C compiler.
 The eager layer is memory bound: as PyTorch ops its forward makes about a dozen passes over the input, its
 backward more. The kernels make one per group (c channels of one sample, held in a core's cache from the
 first step to the last; the README's "Speed" section has what that bought). They compute the
-same as ``_forward_fast``'s PyTorch ops and ``_backward_full_size``, which stay the path for other devices
-and dtypes and wherever the kernels cannot be built.
+same as ``eager.forward`` and ``eager.backward_full_size``, which stay the path for other devices and dtypes
+and wherever the kernels cannot be built.
 
 Building: ``$CC`` (else the compiler Python was built with, else ``cc``), with OpenMP, once per machine and
 source version, into ``$XDG_CACHE_HOME/ema_hub/native`` (``~/.cache/ema_hub/native``), in about a second;
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+
+from .algebra import Coefficients, Params
 
 __all__ = ['available', 'supports', 'forward', 'backward']
 
@@ -69,40 +71,37 @@ def supports(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
             and all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in params) and available())
 
 
-def forward(gx: torch.Tensor, params: List[torch.Tensor], eps: float, out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def forward(gx: torch.Tensor, p: Params, eps: float, out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """EMA's forward on grouped input ``gx`` (n, c, H, W), contiguous, into ``out`` (contiguous, as many elements).
 
-    Returns the gate sigmoid(cross) (n, H, W), the pooled means (n, c, H + W), the
-    edge sums (n, c, 9), and the sum and sum of squares of a - shift (n, c) each: what ``_forward_fast``
-    returns and its backward keeps.
+    Returns the gate sigmoid(cross) (n, H, W), the pooled means (n, c, H + W), the edge sums (n, c, 9), and the
+    sum and sum of squares of a - shift (2, n, c): ``algebra.Stats``, as ``eager.forward`` returns them.
     """
     n, c, h, w = gx.shape
-    w1, b1, gamma, beta, w3, b3 = (p.detach().contiguous() for p in params)
     assert gx.is_contiguous() and out.is_contiguous() and out.numel() == gx.numel()
     gate, pooled = gx.new_empty(n, h, w), gx.new_empty(n, c, h + w)
     edges, sums = gx.new_empty(n, c, 9), gx.new_empty(2, n, c)
-    args = _Args(*(t.data_ptr() for t in (gx, out, gate, pooled, edges, sums, w1, b1, gamma, beta, w3, b3)),
-                 eps, n, c, h, w, torch.get_num_threads())
+    params = [t.contiguous() for t in p]  # kept alive until the kernel returns
+    args = _Args(*(t.data_ptr() for t in (gx, out, gate, pooled, edges, sums, *params)), eps, n, c, h, w,
+                 torch.get_num_threads())
     if _library().ema_forward(ctypes.byref(args)):
         raise MemoryError('EMA: the native forward could not allocate its scratch memory')
-    return gate, pooled, edges, sums[0], sums[1]
+    return gate, pooled, edges, sums
 
 
 def backward(gx: torch.Tensor, dy: torch.Tensor, gate: torch.Tensor, gates: torch.Tensor, shift: torch.Tensor,
-             per_channel: List[torch.Tensor], params: List[torch.Tensor], taps_e: torch.Tensor,
-             taps_mix: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """The full-size part of ``_EMAFunction.backward`` on grouped ``gx`` and ``dy`` (n, c, H, W), contiguous fp32.
+             co: Coefficients, p: Params) -> Tuple[torch.Tensor, ...]:
+    """The full-size part of the backward on grouped ``gx`` and ``dy`` (n, c, H, W), contiguous fp32.
 
-    Takes the gate (n, H, W), the gates (n, c, H + W), the shift (n, c), k, mu, var, rstd and s2 (n, c each,
-    ``per_channel``), taps_e (c, c, 9) and taps_mix (9, c). Returns what ``ema._backward_full_size`` returns:
-    the input gradient (n, c, H, W), per group dk and dlogit (n, c), dbias (n) and the gates' gradient du
-    (n, c, H + W), and taps_mix's gradient summed over the batch (9, c).
+    Takes the gate (n, H, W), the gates (n, c, H + W), the shift (n, c) and the ``Coefficients``. Returns what
+    ``eager.backward_full_size`` returns: the input gradient (n, c, H, W), per group dk and dlogit (n, c), dbias
+    (n) and the gates' gradient du (n, c, H + W), and taps_mix's gradient summed over the batch (9, c).
     """
     n, c, h, w = gx.shape
     assert gx.is_contiguous() and dy.is_contiguous() and dy.shape == gx.shape
-    tensors = [t.detach().contiguous() for t in (gate, gates, shift, *per_channel)]
-    w1 = torch.nn.functional.pad(params[0].detach().reshape(c, c), (0, -c % 16))  # rows of whole v16 vectors
-    shared = [t.detach().contiguous() for t in (params[2], params[3], w1, taps_e, taps_mix)]
+    tensors = [t.detach().contiguous() for t in (gate, gates, shift, co.k, co.mu, co.var, co.rstd, co.s2)]
+    w1 = torch.nn.functional.pad(p.w1.detach().reshape(c, c), (0, -c % 16))  # rows of whole v16 vectors
+    shared = [t.detach().contiguous() for t in (p.gamma, p.beta, w1, co.taps.taps_e, co.taps.taps_mix)]
     dx, du = torch.empty_like(gx), gx.new_empty(n, c, h + w)
     dk, dlogit, dbias, dtaps = gx.new_empty(n, c), gx.new_empty(n, c), gx.new_empty(n), gx.new_empty(n, 9, c)
     args = _BackArgs(*(t.data_ptr() for t in (gx, dy, *tensors, *shared, dx, dk, dlogit, dbias, du, dtaps)),
