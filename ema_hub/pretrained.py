@@ -91,7 +91,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """
     state = as_variant_state(state_dict, model)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    check_state_dict(state, model, cfg.get('hf_hub_id') or cfg.get('file') or 'the checkpoint', _adapted_by_timm(model))
+    # A feature extractor without the classifier (timm's EfficientNetFeatures) loads non-strictly: the head's
+    # keys are the checkpoint's own, not a mismatch.
+    check_state_dict(state, model, cfg.get('hf_hub_id') or cfg.get('file') or 'the checkpoint', _adapted_by_timm(model),
+                     allow_unknown=not hasattr(model, 'num_classes'))
     return state
 
 
@@ -114,14 +117,15 @@ def _names(value) -> Tuple[str, ...]:
 
 
 def check_state_dict(state: Dict[str, torch.Tensor], model: nn.Module, source: str,
-                     adapted: Collection[str] = ()) -> None:
+                     adapted: Collection[str] = (), allow_unknown: bool = False) -> None:
     """Raise ShapeMismatchError for the first tensor that does not fit ``model``, CheckpointKeysError for unknown or
-    missing keys. ``adapted``: keys the loader itself resizes or drops (a new head, a stem for other channels)."""
+    missing keys. ``adapted``: keys the loader itself resizes or drops (a new head, a stem for other channels);
+    ``allow_unknown``: keys the model does not have are left out (a non-strict load)."""
     expected = model.state_dict()
     for key, tensor in expected.items():  # in model order, so "first" means first in the network
         if key in state and state[key].shape != tensor.shape and key not in adapted:
             raise ShapeMismatchError(key, state[key].shape, tensor.shape, source)
-    unknown = set(state) - set(expected) - set(adapted)
+    unknown = set() if allow_unknown else set(state) - set(expected) - set(adapted)
     # BatchNorm's step counters carry no weights; checkpoints often leave them out.
     missing = {k for k in set(expected) - set(state) - set(adapted) if not k.endswith('num_batches_tracked')}
     if unknown or missing:
