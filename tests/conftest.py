@@ -1,5 +1,11 @@
-"""Shared fixtures: a loopback Hugging Face Hub the real client and timm talk to, with a per-test cache."""
+"""Shared fixtures: a loopback Hugging Face Hub the real client and timm talk to, with a per-test cache; generated
+images, a small labelled checkpoint, and the digits fine-tuning run (once per session: it takes minutes).
+
+Helpers that are not fixtures live in tests/support/ (tests/ is on sys.path): test modules never import each other.
+"""
+import json
 import os
+import time
 from pathlib import Path
 from typing import Dict, Iterator
 
@@ -37,3 +43,73 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, hf_home: Path) -> Iterator[FakeHub
 def hub_env(fake_hub: FakeHub, hf_home: Path) -> Dict[str, str]:
     """Environment for subprocesses (the CLI) that talk to ``fake_hub``; add HF_HUB_OFFLINE='1' for offline runs."""
     return {**os.environ, **client_env(fake_hub, hf_home), 'HF_HUB_OFFLINE': '0'}
+
+
+# -- inputs and models --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def inputs(tmp_path_factory) -> Dict[str, Path]:
+    """One image of every kind (support.images.GOOD) and every broken file (BAD) in one folder: name -> path.
+    Read-only: tests that need to add files use their own folder."""
+    from support.images import make_inputs
+    return make_inputs(tmp_path_factory.mktemp('inputs'))
+
+
+@pytest.fixture(scope='session')
+def checkpoint(tmp_path_factory) -> Path:
+    """A 5-class resnet18_ema with random weights and label names (support.models.LABELS), in timm's Hub layout."""
+    from support.models import tiny_checkpoint
+    return tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
+
+
+@pytest.fixture(scope='session')
+def tiny_model():
+    """A 5-class resnet18_ema with random weights, in eval mode. Shared: use it, never change it."""
+    import torch
+
+    from ema_hub.hub import create_model
+    torch.manual_seed(0)
+    return create_model('resnet18_ema', pretrained=False, num_classes=5).eval()
+
+
+# -- the digits fine-tuning run (test_finetune.py, test_validate.py) ----------------------------------------------
+
+@pytest.fixture(scope='session')
+def digits(tmp_path_factory) -> Path:
+    """All of scikit-learn's digits as train/ and val/ (80/20, stratified) ImageFolders."""
+    pytest.importorskip('sklearn')
+    from support.digits import write_digits
+    return write_digits(tmp_path_factory.mktemp('digits'))
+
+
+@pytest.fixture(scope='session')
+def small_digits(tmp_path_factory) -> Path:
+    """24 training and 6 validation images per digit: for the quick fine-tuning runs."""
+    pytest.importorskip('sklearn')
+    from support.digits import write_digits
+    return write_digits(tmp_path_factory.mktemp('small_digits'), per_class=(24, 6))
+
+
+@pytest.fixture(scope='session')
+def trained(digits, tmp_path_factory):
+    """The issue's command line, once per session (minutes): ``ema-hub finetune resnet18_ema DATA --no-pretrained
+    --epochs 8 --img-size 32 --output DIR``. Returns (the output folder, its metrics.json, the process)."""
+    from support.cli import run_module
+
+    out = tmp_path_factory.mktemp('run') / 'r18'
+    start = time.perf_counter()
+    proc = run_module(['finetune', 'resnet18_ema', str(digits), '--no-pretrained', '--epochs', '8', '--img-size',
+                       '32', '--output', str(out)])
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / 'metrics.json').read_text())
+    print(f'\ndigits finetune: top-1 {metrics["top1"]:.2f} %, top-5 {metrics["top5"]:.2f} %, '
+          f'train {metrics["train_time_s"]:.0f} s, wall {elapsed:.0f} s')
+    return out, metrics, proc
+
+
+@pytest.fixture(scope='session')
+def measured(trained, digits) -> Dict[str, float]:
+    """``support.digits.independent_eval`` of the trained folder on the digits' val/ split."""
+    from support.digits import independent_eval
+    return independent_eval(trained[0], digits / 'val')

@@ -9,6 +9,7 @@ from timm.models import get_pretrained_cfg
 
 from ema_hub import VARIANTS, ema_groups
 from ema_hub.cards import CARD_TAGS, GENERATED_MARK, check_cards, main, render_card, write_cards
+from ema_hub.errors import UnknownModelError
 from ema_hub.registry import EMA_FACTOR
 
 CARDS = Path(__file__).resolve().parents[1] / 'model_cards'
@@ -136,7 +137,7 @@ def test_trained_card_states_its_initialisation():
 
 
 def test_render_card_rejects_bad_arguments():
-    with pytest.raises(KeyError, match='valid'):
+    with pytest.raises(UnknownModelError, match='use one of'):
         render_card('resnet51_ema')
     with pytest.raises(ValueError, match='weights'):
         render_card('resnet18_ema', weights='best')

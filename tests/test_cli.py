@@ -1,62 +1,25 @@
 """The CLI as users run it: ``ema-classify`` / ``ema-hub`` in a subprocess, on every kind of image and broken file.
 
-Weights come from a local folder written by ``save_pretrained`` (``local-dir:``), a bare safetensors file
-(``--weights``) or the loopback Hub (``hf-hub:``). Each subprocess pays torch's import, so the invocations are
-few and each checks a lot; pure functions are tested in-process in test_images.py.
+Weights come from a local folder written by ``save_pretrained`` (``local-dir:``, the session fixture
+``checkpoint``), a bare safetensors file (``--weights``) or the loopback Hub (``hf-hub:``). Each subprocess pays
+torch's import, so the invocations are few and each checks a lot; the engine is tested in-process in
+test_images.py, test_data.py, test_inference.py, test_features.py and test_output.py.
 """
 import csv
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import pytest
 
-from test_images import BAD, GOOD, make_inputs
-
-LABELS = ['ant', 'bee', 'cat', 'dog', 'eel']
-
-
-def _command(entry: str) -> List[str]:
-    script = Path(sys.executable).parent / entry
-    if script.is_file():
-        return [str(script)]
-    func = 'classify_main' if entry == 'ema-classify' else 'main'
-    return [sys.executable, '-c', f'from ema_hub_cli.app import {func}; {func}()']
-
-
-def run(entry: str, *args: str, env: Optional[Dict[str, str]] = None, stdin: Optional[str] = None,
-        cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    env = dict(env or os.environ)
-    env.setdefault('HF_HUB_OFFLINE', '1')  # no test may reach the real Hub
-    proc = subprocess.run(_command(entry) + list(args), capture_output=True, text=True, env=env, input=stdin,
-                          cwd=cwd, timeout=600)
-    assert 'Traceback' not in proc.stderr, proc.stderr
-    return proc
-
-
-@pytest.fixture(scope='module')
-def images(tmp_path_factory) -> Dict[str, Path]:
-    return make_inputs(tmp_path_factory.mktemp('images'))
-
-
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory) -> Path:
-    """A 5-class resnet18_ema with random weights and label names, in timm's Hub layout."""
-    import torch
-
-    from ema_hub.hub import create_model, save_pretrained
-    torch.manual_seed(0)
-    model = create_model('resnet18_ema', pretrained=False, num_classes=5)
-    cfg = dict(model.pretrained_cfg, num_classes=5, label_names=LABELS)
-    cfg.pop('label_descriptions', None)
-    model.pretrained_cfg = cfg
-    return save_pretrained(model, tmp_path_factory.mktemp('ckpt') / 'tiny')
+from support.cli import run
+from support.images import BAD, GOOD
+from support.models import LABELS
 
 
 def _records(proc: subprocess.CompletedProcess) -> List[dict]:
@@ -85,20 +48,20 @@ def test_help_is_fast_and_does_not_import_torch() -> None:
     assert probe.stdout.split() == ['False', 'False', 'False'], probe.stderr
 
 
-def test_classify_folder_jsonl_every_kind(images: Dict[str, Path], checkpoint: Path) -> None:
-    folder = images['gray.png'].parent
+def test_classify_folder_jsonl_every_kind(inputs: Dict[str, Path], checkpoint: Path) -> None:
+    folder = inputs['gray.png'].parent
     proc = run('ema-classify', str(folder), '--model', f'local-dir:{checkpoint}', '--top-k', '3', '-b', '4')
     assert proc.returncode == 1, proc.stderr  # broken files present
     _check_records(_records(proc), sorted(GOOD + list(BAD)))
     assert f'{len(BAD)} of {len(GOOD) + len(BAD)}' in proc.stderr
 
 
-def test_classify_json_output_file_and_explicit_order(images: Dict[str, Path], checkpoint: Path,
+def test_classify_json_output_file_and_explicit_order(inputs: Dict[str, Path], checkpoint: Path,
                                                       tmp_path: Path) -> None:
     names = ['truncated.jpg', 'tiny.png', 'cmyk.jpg', 'exif6.jpg', 'bomb.png', 'depth16.png']
     out = tmp_path / 'sub' / 'out.json'
-    missing = str(images['tiny.png'].parent / 'missing.png')
-    proc = run('ema-classify', *[str(images[n]) for n in names], missing, '--model', f'local-dir:{checkpoint}',
+    missing = str(inputs['tiny.png'].parent / 'missing.png')
+    proc = run('ema-classify', *[str(inputs[n]) for n in names], missing, '--model', f'local-dir:{checkpoint}',
                '-k', '3', '--output', str(out), '--workers', '0')
     assert proc.returncode == 1 and proc.stdout == ''
     records = json.loads(out.read_text())
@@ -106,9 +69,9 @@ def test_classify_json_output_file_and_explicit_order(images: Dict[str, Path], c
     assert records[-1] == {'path': missing, 'error': 'no such file or directory'}
 
 
-def test_classify_csv_from_stdin_all_good_exits_0(images: Dict[str, Path], checkpoint: Path) -> None:
+def test_classify_csv_from_stdin_all_good_exits_0(inputs: Dict[str, Path], checkpoint: Path) -> None:
     names = ['nonsquare.JPG', 'palette_alpha.png', 'large.jpg', 'la.png']
-    stdin = ''.join(f'{images[n]}\n' for n in names)
+    stdin = ''.join(f'{inputs[n]}\n' for n in names)
     proc = run('ema-classify', '-', '--model', f'local-dir:{checkpoint}', '--format', 'csv', '--top-k', '2',
                '--channels-last', stdin=stdin)
     assert proc.returncode == 0, proc.stderr
@@ -117,10 +80,10 @@ def test_classify_csv_from_stdin_all_good_exits_0(images: Dict[str, Path], check
     assert all(r['label'] in LABELS and r['error'] == '' and len(json.loads(r['predictions'])) == 2 for r in rows)
 
 
-def test_classify_table_with_weights_file(images: Dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
+def test_classify_table_with_weights_file(inputs: Dict[str, Path], checkpoint: Path, tmp_path: Path) -> None:
     weights = tmp_path / 'finetuned.safetensors'
     shutil.copy(checkpoint / 'model.safetensors', weights)
-    proc = run('ema-classify', str(images['gray.png']), '--model', 'resnet18_ema', '--weights', str(weights),
+    proc = run('ema-classify', str(inputs['gray.png']), '--model', 'resnet18_ema', '--weights', str(weights),
                '--format', 'table', '--top-k', '5')
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -141,31 +104,31 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and 'npz' in proc.stderr
 
 
-def test_hub_model_and_offline_cold_cache(images: Dict[str, Path], checkpoint: Path, fake_hub,
+def test_hub_model_and_offline_cold_cache(inputs: Dict[str, Path], checkpoint: Path, fake_hub,
                                           hub_env: Dict[str, str]) -> None:
     for name in ('config.json', 'model.safetensors', 'README.md'):
         fake_hub.add_file('org/tiny-ema', name, (checkpoint / name).read_bytes())
-    proc = run('ema-classify', str(images['rgba.png']), str(images['text.jpg']), '--model', 'hf-hub:org/tiny-ema',
+    proc = run('ema-classify', str(inputs['rgba.png']), str(inputs['text.jpg']), '--model', 'hf-hub:org/tiny-ema',
                '-k', '3', '-f', 'jsonl', env=hub_env)
     assert proc.returncode == 1, proc.stderr
     _check_records(_records(proc), ['rgba.png', 'text.jpg'])
 
     offline = {**hub_env, 'HF_HUB_OFFLINE': '1'}
-    proc = run('ema-classify', str(images['tiny.png']), '--model', 'resnet18_ema', env=offline)
+    proc = run('ema-classify', str(inputs['tiny.png']), '--model', 'resnet18_ema', env=offline)
     assert proc.returncode == 1 and proc.stdout == ''
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and 'ema-hub download' in lines[0], proc.stderr
 
 
 @pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
-def test_features(images: Dict[str, Path], checkpoint: Path, tmp_path: Path, suffix: str) -> None:
+def test_features(inputs: Dict[str, Path], checkpoint: Path, tmp_path: Path, suffix: str) -> None:
     names = ['exif6.jpg', 'empty.jpg', 'cmyk.jpg', 'depth16.png']
     out = tmp_path / f'feats{suffix}'
-    proc = run('ema-hub', 'features', *[str(images[n]) for n in names], '--model', f'local-dir:{checkpoint}',
+    proc = run('ema-hub', 'features', *[str(inputs[n]) for n in names], '--model', f'local-dir:{checkpoint}',
                '--output', str(out), '-b', '2')
     assert proc.returncode == 1
-    assert f'error: {images["empty.jpg"]}: not an image' in proc.stderr and 'wrote 3 x 512' in proc.stderr
-    good = [str(images[n]) for n in names if n not in BAD]
+    assert f'error: {inputs["empty.jpg"]}: not an image' in proc.stderr and 'wrote 3 x 512' in proc.stderr
+    good = [str(inputs[n]) for n in names if n not in BAD]
     if suffix == '.npz':
         with np.load(out) as data:
             features, paths = data['features'], data['paths'].tolist()

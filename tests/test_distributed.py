@@ -1,4 +1,5 @@
-"""torchrun on CPU (gloo): sharding helpers and features gathered on rank 0, every input once, in input order."""
+"""torchrun on CPU (gloo): the multi-process helpers (ema_hub/engine/distributed.py), and features gathered on rank 0
+(ema_hub/engine/features.py: ``gather_features`` and ``ema-hub features``), every input once, in input order."""
 import json
 import os
 import subprocess
@@ -11,13 +12,12 @@ import torch
 from PIL import Image
 
 from ema_hub.engine import distributed
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.cli import ROOT
 
 SCRIPT = r'''
 import json, sys
 import numpy as np
-from ema_hub.engine import distributed, inference
+from ema_hub.engine import distributed, features, inference
 from ema_hub.engine.images import list_inputs
 
 folder, weights, out = sys.argv[1:4]
@@ -25,7 +25,7 @@ info = distributed.init('cpu')
 model = inference.load_model('resnet18_ema', weights=weights, device=info.device)
 entries = list_inputs([folder])
 paths, feats, errors = [], [], []
-for batch in distributed.gather_features(entries, model, batch_size=4, workers=0, round_size=5):
+for batch in features.gather_features(entries, model, batch_size=4, workers=0, round_size=5):
     paths += batch.paths
     feats.append(batch.features)
     errors += [p for p, _ in batch.errors]
@@ -104,13 +104,6 @@ def test_torchrun_features_gathered_once_in_input_order(image_folder, weights_fi
     np.testing.assert_allclose(multi, single, rtol=1e-4, atol=1e-5)
 
 
-def _features_cli_is_distributed() -> bool:
-    source = (ROOT / 'cli' / 'app.py').read_text(encoding='utf-8')
-    return 'gather_features' in source
-
-
-@pytest.mark.skipif(not _features_cli_is_distributed(),
-                    reason='cli/app.py features does not use distributed.gather_features yet')
 def test_torchrun_features_cli_matches_single_process(image_folder, weights_file, tmp_path):
     def run(nproc, out):
         launcher = [sys.executable] if nproc == 1 else [

@@ -1,4 +1,4 @@
-"""The EMA layer against the paper's equations written out in full (tests/ema_reference.py)."""
+"""The EMA layer against the paper's equations written out in full (ema_hub/reference.py, ReferenceEMA)."""
 import copy
 
 import pytest
@@ -8,7 +8,7 @@ from ema_hub import EMA, ema_groups
 import ema_hub.layers.ema as ema_layer
 from ema_hub.layers import native
 from ema_hub.layers.ema import ema_traceable
-from ema_reference import ReferenceEMA
+from ema_hub.reference import ReferenceEMA
 
 
 def _pair(channels, factor=32, dtype=torch.float64, seed=0):
@@ -156,12 +156,28 @@ def test_training_keeps_only_the_input_at_full_size():
 def test_autocast(dtype):
     fast, ref = _pair(128, dtype=torch.float32)
     x = torch.randn(2, 128, 14, 14)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast('cpu', dtype=dtype):
-        y = fast(x)
+        y = fast(x_fast)
     assert y.shape == x.shape and torch.isfinite(y).all()
     # Low precision, so a loose bound: the point is that it runs and stays the same function.
-    torch.testing.assert_close(y.float(), ref(x), rtol=0.05, atol=0.05)
-    y.float().sum().backward()
+    y_ref = ref(x_ref)
+    torch.testing.assert_close(y.float(), y_ref, rtol=0.05, atol=0.05)
+    # ... and so does its gradient: the input's and every parameter's, against the fp32 reference's.
+    grad_out = torch.randn_like(y_ref)
+    (y.float() * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    names = ['input'] + [n for n, _ in fast.named_parameters()]
+    got = [x_fast.grad] + [p.grad for p in fast.parameters()]
+    want = [x_ref.grad] + [p.grad for p in ref.parameters()]
+    g_scale = max(g.abs().max().item() for g in want)
+    for name, a, b in zip(names, got, want):
+        assert a is not None and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        # 3 % of each gradient's largest entry, plus 0.5 % of the largest of all: a bias gradient is a sum that
+        # cancels (conv1x1.bias's is ~1/300 of the others), so its rounding is the size of its terms, not of it.
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=0.03 * b.abs().max().item() + 0.005 * g_scale,
+                                   msg=lambda m: f'grad of {name}: {m}')
 
 
 def test_low_precision_parameters():

@@ -1,10 +1,11 @@
-"""`ema-hub finetune` / `validate` on real data: scikit-learn's handwritten digits as an ImageFolder.
+"""`ema-hub finetune` on real data: scikit-learn's handwritten digits as an ImageFolder.
 
 The digits (1797 8x8 grayscale images, 0..16) are upscaled to 32x32 RGB PNGs and split 80/20, stratified and
-deterministic, into train/ and val/. The main run is the issue's command line, as a subprocess:
-``ema-hub finetune resnet18_ema DATA --no-pretrained --epochs 8 --img-size 32 --output DIR``; its reported
-top-1 must reach 90 % and equal an independent evaluation of the saved folder. Resume and bad-data tests use
-a small subset to stay quick.
+deterministic, into train/ and val/ (support/digits.py). The main run is the issue's command line, as a
+subprocess: ``ema-hub finetune resnet18_ema DATA --no-pretrained --epochs 8 --img-size 32 --output DIR``
+(the session fixture ``trained`` in conftest.py, shared with test_validate.py); its reported top-1 must reach
+90 % and equal an independent evaluation of the saved folder. Resume and bad-data tests use a small subset to
+stay quick.
 """
 import json
 import os
@@ -14,98 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from support.cli import CLI, ROOT, run, run_module as run_cli
+from support.digits import independent_eval
 
 pytest.importorskip('sklearn')
-
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, '-m', 'ema_hub_cli.app']
-
-
-def write_digits(root: Path, per_class: Tuple[int, int] = None, size: int = 32) -> Path:
-    """sklearn's digits as ``root/{train,val}/<digit>/<index>.png`` (32x32 RGB); ``per_class`` caps each split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    idx = np.arange(len(digits.target))
-    train, val = train_test_split(idx, test_size=0.2, stratify=digits.target, random_state=0)
-    for split, ids, cap in (('train', train, per_class and per_class[0]), ('val', val, per_class and per_class[1])):
-        seen: Dict[int, int] = {}
-        for i in sorted(ids):
-            label = int(digits.target[i])
-            if cap is not None and seen.get(label, 0) >= cap:
-                continue
-            seen[label] = seen.get(label, 0) + 1
-            img = (digits.images[i] * (255 / 16)).clip(0, 255).astype(np.uint8)
-            image = Image.fromarray(img, 'L').resize((size, size), Image.BILINEAR).convert('RGB')
-            path = root / split / str(label) / f'{i:04d}.png'
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
-    return root
-
-
-def run_cli(args: List[str], timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore'}
-    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kwargs)
-
-
-def independent_eval(folder: Path, val_dir: Path) -> Dict[str, float]:
-    """Load ``local-dir:folder`` with timm, preprocess as its saved config says, count top-1/top-5 hits."""
-    import timm
-    import ema_hub  # noqa: F401  (registers the variants)
-    from timm.data import create_transform, resolve_data_config
-
-    model = timm.create_model(f'local-dir:{folder}').eval()
-    cfg = resolve_data_config({}, model=model)
-    transform = create_transform(**cfg)
-    classes = sorted((p.name for p in val_dir.iterdir() if p.is_dir()), key=int)
-    images, targets = [], []
-    for t, name in enumerate(classes):
-        for path in sorted((val_dir / name).glob('*.png')):
-            images.append(transform(Image.open(path).convert('RGB')))
-            targets.append(t)
-    x, y = torch.stack(images), torch.tensor(targets)
-    with torch.inference_mode():
-        logits = torch.cat([model(x[i:i + 100]) for i in range(0, len(x), 100)])
-    top5 = logits.topk(5, dim=1).indices
-    return {'top1': 100.0 * (top5[:, 0] == y).sum().item() / len(y),
-            'top5': 100.0 * (top5 == y[:, None]).any(dim=1).sum().item() / len(y),
-            'input_size': tuple(cfg['input_size']), 'n': len(y)}
-
-
-@pytest.fixture(scope='module')
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp('digits'))
-
-
-@pytest.fixture(scope='module')
-def small_digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp('small_digits'), per_class=(24, 6))
-
-
-@pytest.fixture(scope='module')
-def trained(digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp('run') / 'r18'
-    start = time.perf_counter()
-    proc = run_cli(['finetune', 'resnet18_ema', str(digits), '--no-pretrained', '--epochs', '8', '--img-size', '32',
-                    '--output', str(out)])
-    elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / 'metrics.json').read_text())
-    print(f'\ndigits finetune: top-1 {metrics["top1"]:.2f} %, top-5 {metrics["top5"]:.2f} %, '
-          f'train {metrics["train_time_s"]:.0f} s, wall {elapsed:.0f} s')
-    return out, metrics, proc
-
-
-@pytest.fixture(scope='module')
-def measured(trained, digits):
-    return independent_eval(trained[0], digits / 'val')
 
 
 def test_finetune_digits_reaches_90_and_reports_true_accuracy(trained, measured):
@@ -147,29 +64,12 @@ def test_output_folder_is_hub_layout_with_labels_and_data_config(trained):
 def test_classify_prints_class_folder_names(trained, digits):
     out = trained[0]
     image = sorted((digits / 'val' / '7').glob('*.png'))[0]
-    script = Path(sys.executable).parent / 'ema-classify'  # the console script, when installed next to python
-    launcher = [str(script)] if script.exists() else [
-        sys.executable, '-c', 'from ema_hub_cli.app import classify_main; classify_main()']
-    proc = subprocess.run(launcher + ['--model', f'local-dir:{out}', str(image), '--format', 'json', '--top-k', '3'],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    proc = run('ema-classify', '--model', f'local-dir:{out}', str(image), '--format', 'json', '--top-k', '3')
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
     records = records if isinstance(records, list) else [records]
     labels = [p['label'] for p in records[0]['predictions']]
     assert set(labels) <= {str(d) for d in range(10)} and len(labels) == 3
-
-
-def test_validate_json_equals_independent_evaluation(trained, digits, measured):
-    out = trained[0]
-    proc = run_cli(['validate', f'local-dir:{out}', str(digits / 'val'), '--format', 'json'], timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert result['top1'] == pytest.approx(measured['top1'], abs=1e-9)
-    assert result['top5'] == pytest.approx(measured['top5'], abs=1e-9)
-    assert result['images'] == 360 and result['classes'] == [str(d) for d in range(10)]
-    # A DATA folder (train/ + val/) is validated on its val/ split.
-    proc = run_cli(['validate', f'local-dir:{out}', str(digits), '--format', 'json'], timeout=300)
-    assert json.loads(proc.stdout)['top1'] == result['top1']
 
 
 def _checkpoint_epoch(path: Path) -> int:

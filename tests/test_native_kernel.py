@@ -9,6 +9,7 @@ import torch
 
 from ema_hub import EMA
 from ema_hub.layers import ema, native
+from ema_hub.reference import ReferenceEMA
 
 
 @pytest.fixture
@@ -34,9 +35,18 @@ def test_turned_off_by_environment(fresh_build, monkeypatch):
     monkeypatch.setenv('EMA_HUB_NATIVE', '0')
     assert not native.available()
     assert not fresh_build.exists()
+    torch.manual_seed(0)
+    layer = EMA(64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
     x = torch.randn(2, 64, 5, 5)
-    assert not native.supports(x, list(EMA(64).parameters()))
-    EMA(64)(x)  # the PyTorch ops run instead
+    assert not native.supports(x, list(layer.parameters()))
+    ref = ReferenceEMA(64, layer.groups)
+    ref.load_state_dict(layer.state_dict())
+    # the PyTorch ops run instead, and compute the same function
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert not fresh_build.exists()  # nothing was built on the way
 
 
 def test_no_compiler_falls_back_quietly(fresh_build, monkeypatch, recwarn):

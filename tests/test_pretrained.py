@@ -1,45 +1,15 @@
-"""Pretrained weights through the real huggingface_hub client and timm's loader, against a loopback Hub."""
-import json
-import os
-import subprocess
-import sys
-
+"""Warm starts and the checkpoint checks of ema_hub/pretrained.py, through the real huggingface_hub client and
+timm's pretrained loader, against a loopback Hub."""
 import pytest
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import ModelCard
 
 from ema_hub import EMA, VARIANTS
 from ema_hub import hub
-from ema_hub.errors import CheckpointKeysError, CorruptWeightsError, ShapeMismatchError, UnknownModelError, \
-    WeightsUnavailableError
-
-
-def random_base(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A base model with random weights and non-trivial BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = timm.create_model(arch)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.2)
-    return model.eval()
-
-
-def serve_base(fake_hub, name: str) -> torch.nn.Module:
-    """Put a random base checkpoint where the variant's warm tag fetches it; return the base model."""
-    v = VARIANTS[name]
-    base = random_base(v.base)
-    fake_hub.add_file(v.base_hub_id, 'model.safetensors', safetensors.torch.save(base.state_dict()))
-    return base
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from ema_hub.errors import CheckpointKeysError, ShapeMismatchError
+from ema_hub.pretrained import as_variant_state, check_state_dict, checkpoint_filter_fn, loads_weights
+from support.models import random_base, rel_err as _rel_err, serve_base
 
 
 @pytest.mark.parametrize('name', list(VARIANTS))
@@ -101,95 +71,7 @@ def test_mobilenet_features_only_pretrained(fake_hub):
     assert len(feats(torch.randn(1, 3, 64, 64))) == 5
 
 
-def _trained_ema(name='resnet18_ema', num_classes=5):
-    torch.manual_seed(1)
-    model = timm.create_model(name, num_classes=num_classes)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, EMA):
-                for p in m.parameters():
-                    p.normal_(0, 0.3)
-    model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=num_classes,
-                                label_names=[f'class_{i}' for i in range(num_classes)])
-    model.pretrained_cfg.pop('label_descriptions', None)
-    return model.eval()
-
-
-def test_publish_dry_run_loads_with_local_dir(tmp_path):
-    model = _trained_ema()
-    folder = hub.publish(model, 'someone/resnet18-ema-test', dry_run_dir=tmp_path / 'out',
-                         metrics={'top1': 91.5, 'top5': 99.0, 'dataset': 'digits'})
-    names = sorted(os.listdir(folder))
-    assert names == ['README.md', 'config.json', 'model.safetensors']
-    config = json.loads((tmp_path / 'out' / 'config.json').read_text())
-    assert config['architecture'] == 'resnet18_ema' and config['num_classes'] == 5
-    assert ModelCard.load(tmp_path / 'out' / 'README.md').data.library_name == 'timm'
-    loaded = timm.create_model(f'local-dir:{folder}').eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x))
-    assert hub.class_labels(loaded) == [f'class_{i}' for i in range(5)]
-
-
-def test_save_pretrained_label_names_and_data_config(tmp_path):
-    model = timm.create_model('resnet18_ema', num_classes=3)
-    hub.save_pretrained(model, tmp_path, label_names=['cat', 'dog', 'eel'],
-                        data_config={'input_size': (3, 32, 32), 'interpolation': 'bilinear', 'crop_pct': 1.0,
-                                     'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)})
-    loaded = timm.create_model(f'local-dir:{tmp_path}')
-    assert hub.class_labels(loaded) == ['cat', 'dog', 'eel']
-    cfg = timm.data.resolve_data_config({}, model=loaded)
-    assert cfg['input_size'] == (3, 32, 32) and cfg['crop_pct'] == 1.0 and tuple(cfg['mean']) == (0.5, 0.5, 0.5)
-
-
-def test_publish_uploads_and_loads_with_hf_hub(fake_hub):
-    model = _trained_ema()
-    hub.publish(model, 'someone/resnet18-ema', token='test')
-    assert set(fake_hub.files('someone/resnet18-ema')) >= {'config.json', 'model.safetensors', 'README.md'}
-    loaded = hub.create_model('hf-hub:someone/resnet18-ema').eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x))
-
-
-def test_download_to_cache_then_offline_in_fresh_process(fake_hub, hub_env):
-    serve_base(fake_hub, 'resnet18_ema')
-    path = hub.download('resnet18_ema')
-    assert path.is_file() and hub.is_cached('resnet18_ema')
-    before = fake_hub.request_count
-    code = ('import timm, ema_hub, torch; m = timm.create_model("resnet18_ema", pretrained=True).eval(); '
-            'print(m(torch.zeros(1, 3, 32, 32)).shape)')
-    out = subprocess.run([sys.executable, '-c', code], env={**hub_env, 'HF_HUB_OFFLINE': '1'},
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert '1000' in out.stdout
-    assert fake_hub.request_count == before
-
-
-def test_download_to_folder_is_loadable_warm_model(fake_hub, tmp_path):
-    base = serve_base(fake_hub, 'resnet18_ema')
-    folder = hub.download('resnet18_ema', to=tmp_path / 'r18')
-    model = timm.create_model(f'local-dir:{folder}').eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert _rel_err(model(x), base(x)) <= 1e-5
-
-
-def test_publish_local_dir_keeps_its_card(fake_hub, tmp_path):
-    folder = hub.publish(_trained_ema(), 'someone/x', dry_run_dir=tmp_path / 'run',
-                         metrics={'top1': 88.25, 'dataset': 'digits'})
-    hub.publish(f'local-dir:{folder}', 'someone/finetuned', token='test')
-    card = fake_hub.files('someone/finetuned')['README.md'].decode()
-    assert '88.25' in card and card == (tmp_path / 'run' / 'README.md').read_text()
-
-
-def test_download_published_checkpoint_to_folder(fake_hub, tmp_path):
-    hub.publish(_trained_ema(), 'someone/r18', token='test')
-    folder = hub.download('hf-hub:someone/r18', to=tmp_path / 'copy')
-    assert {'config.json', 'model.safetensors', 'README.md'} <= set(os.listdir(folder))
-
-
-# --- faults: each a specific exception with a one-line message naming the problem and the fix ---
+# --- what timm's pretrained filter checks: each fault a specific exception with a one-line message ---
 
 def _one_line(error) -> str:
     text = str(error.value)
@@ -197,131 +79,78 @@ def _one_line(error) -> str:
     return text
 
 
-def test_unknown_repo(fake_hub):
-    with pytest.raises(WeightsUnavailableError) as e:
-        hub.create_model('hf-hub:nobody/nothing')
-    assert 'nobody/nothing' in _one_line(e) and 'HF_ENDPOINT' in _one_line(e)
-
-
-def test_missing_file(fake_hub):
-    fake_hub.add_file('timm/resnet18.a1_in1k', 'README.md', b'no weights here')
-    with pytest.raises(WeightsUnavailableError) as e:
-        hub.create_model('resnet18_ema')
-    assert 'model.safetensors' in _one_line(e) and 'missing' in _one_line(e)
-
-
-def test_no_network(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hc
-    monkeypatch.setattr(hc, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(hc, 'HF_HUB_CACHE', str(tmp_path))
-    with pytest.raises(WeightsUnavailableError) as e:
-        hub.create_model('resnet18_ema')
-    message = _one_line(e)
-    assert 'HF_ENDPOINT' in message and 'HF_HUB_OFFLINE' in message and 'ema-hub download' in message
-
-
-def test_unknown_model_and_tag():
-    with pytest.raises(UnknownModelError) as e:
-        hub.create_model('resnet50_ema.nope')
-    assert 'warm_a1_in1k' in _one_line(e)
-    with pytest.raises(UnknownModelError) as e:
-        hub.create_model('resnet51_ema')
-    assert 'resnet50_ema' in _one_line(e)
-
-
-def test_corrupted_and_truncated_weights(fake_hub, tmp_path):
-    good = safetensors.torch.save(random_base('resnet18').state_dict())
-    fake_hub.add_file('timm/resnet18.a1_in1k', 'model.safetensors', good[: len(good) // 2])
-    with pytest.raises(CorruptWeightsError) as e:
-        hub.create_model('resnet18_ema')
-    assert 'corrupted' in _one_line(e) and '--force' in _one_line(e)
-    bad = tmp_path / 'bad.safetensors'
-    bad.write_bytes(b'\x00' * 64)
-    with pytest.raises(CorruptWeightsError):
-        hub.create_model('resnet18_ema', weights=bad)
-
-
-def test_shape_mismatch_names_key_and_shapes(tmp_path):
-    path = tmp_path / 'w.safetensors'
-    safetensors.torch.save_file(_trained_ema(num_classes=5).state_dict(), str(path))
-    with pytest.raises(ShapeMismatchError) as e:
-        hub.create_model('resnet18_ema', weights=path, num_classes=7)
-    assert e.value.key == 'fc.weight' and e.value.checkpoint_shape == (5, 512) and e.value.model_shape == (7, 512)
-    assert '(5, 512)' in _one_line(e) and '(7, 512)' in _one_line(e)
-    loaded = hub.create_model('resnet18_ema', weights=path, num_classes=5)
-    assert loaded.fc.out_features == 5
-    assert hub.create_model('resnet18_ema', weights=path).fc.out_features == 5  # head size from the file
-
-
 def test_shape_mismatch_through_hub(fake_hub):
     wrong = random_base('resnet34')  # a resnet34 checkpoint where resnet18's is expected
     fake_hub.add_file('timm/resnet18.a1_in1k', 'model.safetensors', safetensors.torch.save(wrong.state_dict()))
     with pytest.raises((ShapeMismatchError, CheckpointKeysError)) as e:
         hub.create_model('resnet18_ema')
-    _one_line(e)
+    assert _one_line(e).startswith('timm/resnet18.a1_in1k ')  # names the checkpoint's repo
+    assert isinstance(e.value, CheckpointKeysError) and 'layer1.2.conv1.weight' in e.value.unknown
 
 
-# --- conversion of the paper's checkpoints ---
-
-def _paper_state(name='resnet18_ema', attn='ema', wrap=True):
-    """A checkpoint as the paper's code saves it: attention under its own name, DDP prefix, wrapped."""
-    state = {}
-    for key, value in _trained_ema(name, num_classes=1000).state_dict().items():
-        state['module.' + key.replace('.se.', f'.{attn}.')] = value
-    return {'epoch': 90, 'state_dict': state} if wrap else state
-
-
-def test_convert_paper_checkpoint(tmp_path):
-    src = tmp_path / 'paper.pth'
-    torch.save(_paper_state(), src)
-    out = tmp_path / 'converted.safetensors'
-    report = hub.convert_checkpoint(src, 'resnet18_ema', out)
-    assert report['renamed'] == 8 * 6 and report['num_classes'] == 1000
-    model = hub.create_model('resnet18_ema', weights=out).eval()
-    expected = _trained_ema('resnet18_ema', num_classes=1000)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected(x))
-
-
-def test_convert_reports_unknown_and_missing_keys(tmp_path):
-    state = _paper_state(wrap=False)
-    state['module.extra.weight'] = torch.zeros(3)
-    del state['module.layer1.0.ema.gn.weight']
-    src = tmp_path / 'paper.pth'
-    torch.save(state, src)
-    with pytest.raises(CheckpointKeysError) as e:
-        hub.convert_checkpoint(src, 'resnet18_ema', tmp_path / 'o.safetensors')
-    assert e.value.unknown == ['extra.weight'] and e.value.missing == ['layer1.0.se.gn.weight']
-    assert 'extra.weight' in _one_line(e) and 'layer1.0.se.gn.weight' in _one_line(e)
-
-
-def test_convert_reports_shape_mismatch(tmp_path):
-    src = tmp_path / 'paper.pth'
-    torch.save(_paper_state('resnext50_32x4d_ema'), src)  # same keys as resnet50, wider grouped convs
+def test_shape_mismatch_through_hub_names_the_repo_and_shapes(fake_hub):
+    torch.manual_seed(0)
+    ten = timm.create_model('resnet18', num_classes=10)  # a base checkpoint with a 10-class head
+    fake_hub.add_file('timm/resnet18.a1_in1k', 'model.safetensors', safetensors.torch.save(ten.state_dict()))
     with pytest.raises(ShapeMismatchError) as e:
-        hub.convert_checkpoint(src, 'resnet50_ema', tmp_path / 'o.safetensors')
-    assert e.value.key == 'layer1.0.conv1.weight'
-    assert e.value.checkpoint_shape == (128, 64, 1, 1) and e.value.model_shape == (64, 64, 1, 1)
+        hub.create_model('resnet18_ema')
+    assert e.value.key == 'fc.weight' and e.value.checkpoint_shape == (10, 512) and e.value.model_shape == (1000, 512)
+    assert _one_line(e).startswith('timm/resnet18.a1_in1k does not fit the model')
+    # A new head (and a stem for other input channels) is timm's to adapt: not a mismatch.
+    model = hub.create_model('resnet18_ema', num_classes=7, in_chans=1)
+    assert model.fc.out_features == 7 and model.conv1.in_channels == 1
 
 
-def test_convert_reports_missing_blocks(tmp_path):
-    src = tmp_path / 'paper.pth'
-    torch.save(_paper_state('resnet18_ema'), src)
+def _model_and_state(num_classes=5):
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_ema', num_classes=num_classes)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_check_state_dict_accepts_the_models_own_state():
+    model, state = _model_and_state()
+    check_state_dict(state, model, 'x.safetensors')
+    # BatchNorm's step counters carry no weights: leaving them out is fine.
+    check_state_dict({k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}, model, 'x')
+
+
+def test_check_state_dict_names_the_first_mismatch_in_model_order():
+    model, state = _model_and_state()
+    state['fc.weight'] = torch.zeros(3, 512)
+    state['conv1.weight'] = torch.zeros(64, 1, 7, 7)
+    with pytest.raises(ShapeMismatchError) as e:
+        check_state_dict(state, model, 'w.safetensors')
+    assert e.value.key == 'conv1.weight' and e.value.checkpoint_shape == (64, 1, 7, 7)
+    assert _one_line(e).startswith('w.safetensors does not fit the model')
+    # keys the loader adapts itself are left out of the check
+    check_state_dict(state, model, 'w.safetensors', adapted={'fc.weight', 'conv1.weight'})
+
+
+def test_check_state_dict_lists_unknown_and_missing_keys():
+    model, state = _model_and_state()
+    state['extra.weight'] = torch.zeros(2)
+    del state['layer1.0.se.gn.weight']
     with pytest.raises(CheckpointKeysError) as e:
-        hub.convert_checkpoint(src, 'resnet34_ema', tmp_path / 'o.safetensors')
-    assert 'layer1.2.conv1.weight' in e.value.missing and not e.value.unknown
+        check_state_dict(state, model, 'w.safetensors')
+    assert e.value.unknown == ['extra.weight'] and e.value.missing == ['layer1.0.se.gn.weight']
+    assert 'w.safetensors does not match resnet18_ema' in _one_line(e)
+    with pytest.raises(CheckpointKeysError) as e:
+        check_state_dict(state, model, 'w.safetensors', adapted={'extra.weight'})
+    assert e.value.unknown == [] and e.value.missing == ['layer1.0.se.gn.weight']
 
 
-class _Payload:
-    """Unpickling this would run code: weights_only loading must refuse it."""
-    def __reduce__(self):
-        return (os.system, ('echo pwned > /dev/null',))
+def test_filter_warm_starts_base_checkpoints_and_passes_ema_checkpoints():
+    base = random_base('resnet18')
+    model = timm.create_model('resnet18_ema', num_classes=10, in_chans=1)  # head and stem adapted by timm
+    state = checkpoint_filter_fn(base.state_dict(), model)
+    assert set(state) == set(model.state_dict())
+    assert not state['layer1.0.se.gn.weight'].any()
+    torch.testing.assert_close(state['layer1.0.bn2.weight'], 2 * base.state_dict()['layer1.0.bn2.weight'])
+    _, ema_state = _model_and_state()
+    assert as_variant_state(ema_state, model) is ema_state
 
 
-def test_convert_refuses_pickled_code(tmp_path):
-    src = tmp_path / 'evil.pth'
-    torch.save({'state_dict': _Payload()}, src)
-    with pytest.raises(CorruptWeightsError) as e:
-        hub.convert_checkpoint(src, 'resnet18_ema', tmp_path / 'o.safetensors')
-    assert 'weights-only' in _one_line(e)
+def test_loads_weights_for_checkpoint_specs():
+    assert loads_weights(True, {}) and not loads_weights(False, {})
+    assert loads_weights(False, {'source': 'hf-hub'}) and loads_weights(False, {'source': 'local-dir'})
+    assert not loads_weights(False, {'source': 'timm'})

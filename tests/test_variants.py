@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ema_hub
 from ema_hub import EMA, VARIANTS
+from ema_hub.errors import UnknownModelError
 from ema_hub.reference import with_reference_layers
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models._efficientnet_blocks import InvertedResidual
@@ -118,5 +119,6 @@ def test_features_only_matches_base(name):
 
 def test_public_api():
     assert ema_hub.get_variant('resnet50_ema.warm_a1_in1k') is VARIANTS['resnet50_ema']
-    with pytest.raises(KeyError, match='resnet50_ema'):
+    with pytest.raises(UnknownModelError, match="unknown model 'resnet51_ema'; use one of resnet18_ema, ") as e:
         ema_hub.get_variant('resnet51_ema')
+    assert 'resnet50_ema' in str(e.value) and isinstance(e.value, ValueError)

@@ -1,0 +1,69 @@
+"""Models with random weights for tests: base checkpoints served where warm tags fetch them, "trained" EMA
+variants, and a small labelled checkpoint folder in timm's Hub layout."""
+from pathlib import Path
+from typing import Sequence
+
+import safetensors.torch
+import timm
+import torch
+
+from ema_hub import EMA, VARIANTS
+
+__all__ = ['LABELS', 'random_base', 'serve_base', 'rel_err', 'trained_ema', 'tiny_checkpoint']
+
+# The label names of ``tiny_checkpoint``.
+LABELS = ['ant', 'bee', 'cat', 'dog', 'eel']
+
+
+def random_base(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A base model with random weights and non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = timm.create_model(arch)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def serve_base(fake_hub, name: str) -> torch.nn.Module:
+    """Put a random base checkpoint where the variant's warm tag fetches it; return the base model."""
+    v = VARIANTS[name]
+    base = random_base(v.base)
+    fake_hub.add_file(v.base_hub_id, 'model.safetensors', safetensors.torch.save(base.state_dict()))
+    return base
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference relative to the largest magnitude of ``b``."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def trained_ema(name: str = 'resnet18_ema', num_classes: int = 5) -> torch.nn.Module:
+    """A variant whose EMA layers have left their warm-start values (random), with label names, in eval mode."""
+    torch.manual_seed(1)
+    model = timm.create_model(name, num_classes=num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, EMA):
+                for p in m.parameters():
+                    p.normal_(0, 0.3)
+    model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=num_classes,
+                                label_names=[f'class_{i}' for i in range(num_classes)])
+    model.pretrained_cfg.pop('label_descriptions', None)
+    return model.eval()
+
+
+def tiny_checkpoint(folder: Path, labels: Sequence[str] = LABELS) -> Path:
+    """A resnet18_ema with random weights and ``labels`` as class names, saved in timm's Hub layout."""
+    from ema_hub.hub import create_model, save_pretrained
+
+    torch.manual_seed(0)
+    model = create_model('resnet18_ema', pretrained=False, num_classes=len(labels))
+    cfg = dict(model.pretrained_cfg, num_classes=len(labels), label_names=list(labels))
+    cfg.pop('label_descriptions', None)
+    model.pretrained_cfg = cfg
+    return save_pretrained(model, folder)
