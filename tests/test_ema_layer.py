@@ -1,14 +1,16 @@
-"""The EMA layer against the paper's equations written out in full (ema_hub/reference.py, ReferenceEMA)."""
+"""The EMA layer against the paper's equations written out in full (ema_hub/reference.py, ReferenceEMA): every
+implementation of the layer's table (ema_hub/layers/ema.py), forward and backward, in fp64 and fp32."""
 import copy
 
 import pytest
 import torch
 
 from ema_hub import EMA, ema_groups
-import ema_hub.layers.ema as ema_layer
-from ema_hub.layers import native
-from ema_hub.layers.ema import ema_traceable
+from ema_hub.layers import eager, native
+from ema_hub.layers.algebra import ema_portable
 from ema_hub.reference import ReferenceEMA
+
+OPERATOR_BACKWARD = 'GeneratedBackwardFor_ema_hub_ema_forward_defaultBackward'  # the custom operator's autograd node
 
 
 def _pair(channels, factor=32, dtype=torch.float64, seed=0):
@@ -52,7 +54,7 @@ def eager_path(request, monkeypatch):
                 return _f(*a)
             monkeypatch.setattr(native, name, counted)
         torch_ops = []  # backwards through PyTorch ops: only fp64 ones (the oracle's)
-        monkeypatch.setattr(ema_layer, '_backward_full_size', lambda gx, *a, _f=ema_layer._backward_full_size:
+        monkeypatch.setattr(eager, 'backward_full_size', lambda gx, *a, _f=eager.backward_full_size:
                             torch_ops.append(gx.dtype) or _f(gx, *a))
         yield calls
         assert calls['forward'], 'the native kernel was not called'
@@ -106,14 +108,14 @@ def test_channels_last_input():
 
 
 @pytest.mark.parametrize('b,c,h,w,factor', SHAPES)
-def test_traceable_form_matches_reference_fp64(b, c, h, w, factor):
-    """The differentiable form TorchScript, FX, compile and export see (the eager path is tested above)."""
+def test_portable_form_matches_reference_fp64(b, c, h, w, factor):
+    """The plain-ops form TorchScript, torch.func and ONNX see (the operator is tested above)."""
     fast, ref = _pair(c, factor)
-    traced = lambda x: ema_traceable(x, fast.groups, fast._params(), fast.tap_edges, fast.gn.eps)
+    portable = lambda x: ema_portable(x, fast.groups, fast.params(), fast.tap_edges, fast.gn.eps)[0]
     x = torch.randn(b, c, h, w, dtype=torch.float64)
     x_a, x_b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_a, y_b = traced(x_a), ref(x_b)
-    assert y_a.grad_fn.name() != '_EMAFunctionBackward'
+    y_a, y_b = portable(x_a), ref(x_b)
+    assert y_a.grad_fn.name() != OPERATOR_BACKWARD
     torch.testing.assert_close(y_a, y_b, rtol=0, atol=1e-12)
     g = torch.randn_like(y_b)
     for a, b_ in zip(torch.autograd.grad(y_a, [x_a, *fast.parameters()], g),
@@ -122,7 +124,7 @@ def test_traceable_form_matches_reference_fp64(b, c, h, w, factor):
 
 
 def test_double_backward():
-    """create_graph=True differentiates the traceable form: second derivatives are exact too."""
+    """create_graph=True differentiates the portable form: second derivatives are exact too."""
     fast, _ = _pair(16, 4)
     x = torch.randn(2, 16, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(fast, (x,))
@@ -144,7 +146,7 @@ def test_training_keeps_only_the_input_at_full_size():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fast(x)
-    assert y.grad_fn.name() == '_EMAFunctionBackward'
+    assert y.grad_fn.name() == OPERATOR_BACKWARD
     full = [t for t in saved if t.numel() >= x.numel()]
     assert len(full) == 1 and full[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     rest = sum(t.numel() for t in saved if t.numel() < x.numel())
@@ -247,17 +249,17 @@ def test_fp32_accuracy_when_mean_dominates(c, s, eager_path):
 
 @pytest.mark.parametrize('b,c,h,w,factor', [(3, 64, 9, 7, 32), (2, 64, 17, 19, 32), (5, 8, 6, 6, 1)])
 def test_chunked_temporaries(monkeypatch, b, c, h, w, factor):
-    """The eager path makes its largest temporaries a chunk of the batch at a time; with chunks far smaller
+    """The PyTorch-ops path makes its largest temporaries a chunk of the batch at a time; with chunks far smaller
     than these inputs (so that every loop runs several times, with a shorter last chunk) nothing changes."""
-    monkeypatch.setattr(ema_layer, '_CHUNK_BYTES', 2000)
+    monkeypatch.setattr(eager, '_CHUNK_BYTES', 2000)
     fast, ref = _pair(c, factor)
-    assert len(ema_layer._chunks(b * fast.groups, 9 * h * w * 8)) > 2
+    assert len(eager._chunks(b * fast.groups, 9 * h * w * 8)) > 2
     _assert_same_function(fast, ref, torch.randn(b, c, h, w, dtype=torch.float64) * 2 + 0.5, rtol=1e-9)
 
 
 def test_torch_func_per_sample_gradients():
-    """Under torch.func transforms (vmap of grad: per-sample gradients) the layer runs its traceable form;
-    the result equals per-sample gradients taken one sample at a time through the eager path."""
+    """Under torch.func transforms (vmap of grad: per-sample gradients) the layer runs its portable form;
+    the result equals per-sample gradients taken one sample at a time through the operator."""
     from torch.func import functional_call, grad, vmap
 
     fast, _ = _pair(64)

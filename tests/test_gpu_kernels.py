@@ -1,9 +1,9 @@
-"""EMA's GPU forward (ema_hub/layers/ema_triton.py and ema._forward_gpu) without a GPU.
+"""EMA's CUDA forward (ema_hub/layers/ema_triton.py and ops.forward_triton) without a GPU.
 
 The Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported, hence a
 subprocess) on CPU tensors, against the paper's form in fp64: those tests need Triton and are skipped without
-it. Which forward a CUDA input would take is checked in-process, with the kernels' availability switched on and
-the kernel call recorded: those need no Triton and always run.
+it. Which forward a CUDA input takes, and the operator's fake shapes there, are checked in-process on fake CUDA
+tensors: those need neither Triton nor a GPU and always run.
 """
 import json
 import os
@@ -15,20 +15,21 @@ import pytest
 import torch
 
 from ema_hub import EMA
-from ema_hub.layers import ema
+from ema_hub.layers import ops
 
 _INTERPRETED = textwrap.dedent('''
     import json, torch
-    from ema_hub.layers import ema as E, ema_triton
+    from ema_hub.layers import algebra, eager, ops, ema_triton
+    from ema_hub import EMA
     from ema_hub.reference import ReferenceEMA
-    E.ema_triton = ema_triton
+    ops.ema_triton = ema_triton
 
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
     def layer(ch, factor, seed):
         torch.manual_seed(seed)
-        m = E.EMA(ch, factor)
+        m = EMA(ch, factor)
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_(0.0, 0.5)
@@ -48,25 +49,24 @@ _INTERPRETED = textwrap.dedent('''
         x = torch.randn(b, ch, h, w) * 2 + 0.5
         x = x.contiguous(memory_format=getattr(torch, layout if layout == 'channels_last' else 'contiguous_format'))
         x = x.to(getattr(torch, dtype))
-        out, gate, pooled, edges, s, q = E._forward_gpu(x, m.groups, m._params(), m.tap_edges, m.gn.eps, True)
-        gx = E._grouped(x.float(), m.groups).contiguous()
-        want_pooled, want_edges = E._pool(gx)
+        with torch.no_grad():
+            out, gate, pooled, edges, sums = ops.forward_triton(x, m.params(), m.tap_edges, m.groups, m.gn.eps)
+        want_pooled, want_edges = eager.pool(algebra.grouped(x.float(), m.groups).contiguous())
         res['forward'].append(dict(case=[b, ch, h, w, factor, layout, dtype], err=rel(out, ref(x.double())),
                                    dtype=str(out.dtype), strides=list(out.stride()) == list(x.stride()),
                                    pooled=rel(pooled, want_pooled), edges=rel(edges, want_edges)))
 
-    # Training through the hand-written backward, its forward on the kernels.
-    E._gpu_kernels = lambda x: True
+    # Training: the backward operator on the statistics the kernels' forward keeps.
     for i, (b, ch, h, w) in enumerate([(2, 64, 6, 6), (2, 32, 9, 4)]):
         m, ref = layer(ch, 8, 10 + i)
         x = torch.randn(b, ch, h, w) + 0.3
         dy = torch.randn_like(x)
-        errs = []
-        for net, dtype in ((m, torch.float32), (ref, torch.float64)):
-            xi = x.detach().to(dtype).requires_grad_()
-            net(xi).backward(dy.to(dtype))
-            errs.append([xi.grad] + [p.grad for p in net.parameters()])
-        res['backward'].append(max(rel(a, b) for a, b in zip(*errs)))
+        with torch.no_grad():
+            _, *stats = ops.forward_triton(x, m.params(), m.tap_edges, m.groups, m.gn.eps)
+            got = ops.ema_backward(dy, x, *stats, *m.params(), m.tap_edges, m.groups, m.gn.eps)
+        xr = x.double().requires_grad_()
+        ref(xr).backward(dy.double())
+        res['backward'].append(max(rel(a, b) for a, b in zip(got, [xr.grad] + [p.grad for p in ref.parameters()])))
     print(json.dumps(res))
 ''')
 
@@ -93,38 +93,33 @@ def test_gradients_through_the_kernels_forward(interpreted):
     assert all(err < 1e-4 for err in interpreted['backward']), interpreted['backward']
 
 
-@pytest.fixture
-def kernels_recorded(monkeypatch):
-    """CPU inputs routed as CUDA ones would be: the kernels available, each call recorded and then computed by
-    the traceable form (the same function, and something torch.compile can trace on the CPU)."""
-    calls = []
-
-    def record(x, groups, params, tap_edges, eps, for_backward):
-        calls.append(for_backward)
-        return ema.ema_traceable(x, groups, params, tap_edges, eps), None
-
-    monkeypatch.setattr(ema, '_gpu_kernels', lambda x: True)
-    monkeypatch.setattr(ema, '_forward_gpu', record)
-    return calls
+def _fake_cuda(*shape, dtype=torch.float32):
+    """A CUDA tensor's shape, dtype and device without a GPU (what torch.compile traces with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return torch.empty(*shape, dtype=dtype, device='cuda')
 
 
-def test_inference_under_autocast_and_compile_takes_the_kernels(kernels_recorded):
-    layer, x = EMA(64).eval(), torch.randn(2, 64, 6, 6)
-    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
-        layer(x.bfloat16())
-    assert kernels_recorded == [False]
-    with torch.no_grad():
-        torch.compile(layer, fullgraph=True)(x)  # traced through the kernels' branch, no graph break
-    assert kernels_recorded == [False, False]
+def test_cuda_forward_takes_the_kernels_for_float_dtypes(monkeypatch):
+    """With Triton present, a CUDA input of float32, bfloat16 or float16 runs the Triton kernels (eager, autocast
+    and compiled alike: they all call the operator); float64 and CPU input take the PyTorch ops."""
+    monkeypatch.setattr(ops, 'ema_triton', object())
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert ops.triton_kernels(_fake_cuda(2, 64, 6, 6, dtype=dtype))
+    assert not ops.triton_kernels(_fake_cuda(2, 64, 6, 6, dtype=torch.float64))
+    assert not ops.triton_kernels(torch.randn(2, 64, 6, 6))
+    monkeypatch.setattr(ops, 'ema_triton', None)  # no Triton: PyTorch ops everywhere
+    assert not ops.triton_kernels(_fake_cuda(2, 64, 6, 6))
 
 
-def test_gradients_and_tracing_take_the_traceable_form(kernels_recorded):
-    layer, x = EMA(64), torch.randn(2, 64, 6, 6)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        layer(x.bfloat16()).float().sum().backward()  # autocast training: autograd through PyTorch ops
-    assert kernels_recorded == []
-    # A TorchScript trace records PyTorch ops, not kernels. (The decision itself: tracing the layer here would
-    # leave a traced EMA type behind that later scripting of EMA collides with.)
-    params, decisions = [p.detach() for p in layer._params()], []
-    torch.jit.trace(lambda t: decisions.append(ema._gpu_inference(t, params)) or t * 2, x, check_trace=False)
-    assert decisions == [False] and ema._gpu_inference(x, params)
+def test_fake_shapes_on_cuda_match_the_kernels():
+    """The operator's fake gives a CUDA output x's strides (the kernels write channels_last in place) and float32
+    statistics for half-precision input."""
+    layer = EMA(64)
+    x = _fake_cuda(2, 64, 6, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out, gate, pooled, edges, sums = ops.ema_forward(x, *layer.params(), layer.tap_edges, layer.groups, 1e-5)
+    assert out.dtype == torch.bfloat16 and out.stride() == x.stride()
+    assert (gate.shape, pooled.shape, edges.shape, sums.shape) == ((64, 6, 5), (64, 2, 11), (64, 2, 9), (2, 64, 2))
+    assert {t.dtype for t in (gate, pooled, edges, sums)} == {torch.float32}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ema_hub import EMA
-from ema_hub.layers import ema, native
+from ema_hub.layers import algebra, eager, native
 from ema_hub.reference import ReferenceEMA
 
 
@@ -99,7 +99,7 @@ def test_threads_follow_torch(tmp_path):
 @pytest.mark.parametrize('n,c,h,w', [(4, 8, 56, 56), (6, 16, 17, 19), (3, 64, 7, 7), (2, 6, 7, 5), (2, 4, 1, 1),
                                      (2, 8, 1, 3), (2, 8, 4, 1), (1, 8, 300, 1)])
 def test_backward_matches_pytorch_ops(n, c, h, w):
-    """The compiled backward against ema._backward_full_size (its PyTorch-ops twin, the path without a compiler
+    """The compiled backward against eager.backward_full_size (its PyTorch-ops twin, the path without a compiler
     or off the CPU), on maps of every size."""
     gen = torch.Generator().manual_seed(n * c + h + w)
     gx, dy = torch.randn(n, c, h, w, generator=gen) + 0.5, torch.randn(n, c, h, w, generator=gen)
@@ -107,17 +107,16 @@ def test_backward_matches_pytorch_ops(n, c, h, w):
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.5, generator=gen)
-    params = [p.detach() for p in layer._params()]
+    params = algebra.Params(*(p.detach() for p in layer.params()))
     gate = torch.rand(n, h, w, generator=gen)
-    pooled, edges = ema._pool(gx)
-    gates = ema._gates(pooled, params[0], params[1])
-    shift = ema._shift(pooled, gates, h)
+    pooled, edges = eager.pool(gx)
+    gates = algebra.gates(pooled, params.w1, params.b1)
+    shift = algebra.shift(pooled, gates, h)
     a = gx * gates[:, :, :h, None] * gates[:, :, None, h:] - shift
-    k, _, taps_mix, mu, var, rstd, taps_e, s2, _ = ema._coefficients(
-        edges, a.sum((2, 3)), a.square().sum((2, 3)), params, layer.tap_edges, layer.gn.eps, h * w)
-    want = ema._backward_full_size(gx, dy, gate, gates, shift, pooled, edges, k, taps_mix, mu, var, rstd, taps_e,
-                                   s2, params)
-    got = native.backward(gx, dy, gate, gates, shift.view(n, c), [k, mu, var, rstd, s2], params, taps_e, taps_mix)
+    co = algebra.coefficients(edges, a.sum((2, 3)), a.square().sum((2, 3)), params, layer.tap_edges, layer.gn.eps,
+                              h * w)
+    want = eager.backward_full_size(gx, dy, gate, gates, shift, pooled, edges, co, params)
+    got = native.backward(gx, dy, gate, gates, shift.view(n, c), co, params)
     for name, a, b in zip(['dx', 'dk', 'dlogit', 'dbias', 'du', 'dtaps_mix'], got, want):
         # (the absolute floor: on a 1x1 map a - shift, and so dk, is rounding noise around 0 in both)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6,

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import eager, native
 from .algebra import Coefficients, Params, coefficients, ema_portable, gates, grouped, shift
 
-__all__ = ['ema_forward', 'ema_backward', 'triton_kernels']
+__all__ = ['ema_forward', 'ema_backward', 'forward_triton', 'triton_kernels']
 
 # The CUDA forward needs Triton (PyTorch's CUDA builds bring it); imported only where a GPU is present, and not
 # with EMA_HUB_NATIVE=0.
@@ -52,11 +52,11 @@ def triton_kernels(x: Tensor) -> bool:
     return ema_triton is not None and x.device.type == 'cuda' and x.dtype in (torch.float32,) + _HALF
 
 
-@torch.library.custom_op('ema_hub::ema_forward', mutates_args=())
-def ema_forward(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor,
-                tap_edges: Tensor, groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor,
+             tap_edges: Tensor, groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """EMA's forward: the output (x's dtype) and the gate (n, H, W), pooled means (n, c, H + W), edge sums
-    (n, c, 9) and the sums of a - shift and of its square (2, n, c) that the backward needs."""
+    (n, c, 9) and the sums of a - shift and of its square (2, n, c) that the backward needs. The compiled CPU
+    kernel for float32, else PyTorch ops."""
     dtype = _compute_dtype(x)
     p = Params(*(t.detach().to(dtype) for t in (w1, b1, gamma, beta, w3, b3)))
     gx = grouped(x, groups).to(dtype).contiguous()
@@ -70,15 +70,23 @@ def ema_forward(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, 
     return out.view(x.shape).to(x.dtype), gate, pooled, edges, sums
 
 
+ema_forward = torch.library.custom_op('ema_hub::ema_forward', _forward, mutates_args=())
+
+
 @ema_forward.register_kernel('cuda')
 def _forward_cuda(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor,
                   tap_edges: Tensor, groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Two Triton kernels around the small per-group algebra, in float32 whatever x's dtype; x keeps its strides
-    (channels_last input is read in place). Other dtypes take the PyTorch ops."""
-    if not triton_kernels(x):
-        return ema_forward._init_fn(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)
+    if triton_kernels(x):
+        return forward_triton(x, Params(w1, b1, gamma, beta, w3, b3), tap_edges, groups, eps)
+    return _forward(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)
+
+
+def forward_triton(x: Tensor, params: Params, tap_edges: Tensor, groups: int,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The CUDA forward: two Triton kernels around the small per-group algebra, in float32 whatever x's dtype;
+    x keeps its strides (channels_last input is read in place). Returns what ``ema_forward`` returns."""
     b, _, h, w = x.shape
-    p = Params(*(t.detach().float() for t in (w1, b1, gamma, beta, w3, b3)))
+    p = Params(*(t.detach().float() for t in params))
     pooled, edges = ema_triton.pool(x, groups)
     g = gates(pooled, p.w1, p.b1)
     co = coefficients(edges, edges.new_zeros(edges.shape[:2]), edges.new_zeros(edges.shape[:2]), p,

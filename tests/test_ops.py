@@ -1,0 +1,113 @@
+"""EMA's custom operators (ema_hub/layers/ops.py): one dispatch for eager, torch.compile, torch.export, autocast
+and the meta device, calling the same kernels."""
+import pytest
+import torch
+
+from ema_hub import EMA
+from ema_hub.layers import native, ops
+from ema_hub.reference import ReferenceEMA
+
+
+def _layer(channels=64, factor=32, seed=0):
+    torch.manual_seed(seed)
+    layer = EMA(channels, factor)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+    return layer
+
+
+def _args(layer, x):
+    return (x, *layer.params(), layer.tap_edges, layer.groups, layer.gn.eps)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often the compiled CPU kernels ran: {'forward': n, 'backward': n}."""
+    assert native.available(), 'the native kernel did not build: is a C compiler with OpenMP installed?'
+    calls = {'forward': 0, 'backward': 0}
+    for name in calls:
+        def counted(*a, _f=getattr(native, name), _name=name):
+            calls[_name] += 1
+            return _f(*a)
+        monkeypatch.setattr(native, name, counted)
+    return calls
+
+
+def test_opcheck():
+    """torch.library's own check of the registration: schema, fake implementation against the real one,
+    autograd, and tracing through AOTAutograd."""
+    layer = _layer()
+    x = (torch.randn(2, 64, 7, 5) + 0.5).requires_grad_()
+    torch.library.opcheck(ops.ema_forward, _args(layer, x))
+    with torch.no_grad():
+        _, *stats = ops.ema_forward(*_args(layer, x.detach()))
+    dy = torch.randn(2, 64, 7, 5)
+    torch.library.opcheck(ops.ema_backward, (dy, x.detach(), *stats, *layer.params(), layer.tap_edges, layer.groups,
+                                             layer.gn.eps))
+
+
+def test_compiled_calls_the_same_kernels(kernel_calls):
+    """torch.compile(fullgraph=True) sees the operator as opaque: the compiled model runs the compiled CPU
+    kernels, forward and backward, and equals eager."""
+    layer = _layer()
+    ref = ReferenceEMA(64, layer.groups)
+    ref.load_state_dict(layer.state_dict())
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 64, 14, 14) + 0.5
+    with torch.no_grad():
+        eager_out = layer(x)
+        before = kernel_calls['forward']
+        out = compiled(x)
+    assert kernel_calls['forward'] > before
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=1e-4 * eager_out.abs().max().item())
+    xr = x.clone().requires_grad_()
+    compiled(xr).square().sum().backward()
+    assert kernel_calls['backward'] >= 1
+    xe = x.clone().requires_grad_()
+    ref(xe).square().sum().backward()
+    torch.testing.assert_close(xr.grad, xe.grad, rtol=0, atol=1e-4 * xe.grad.abs().max().item())
+
+
+def test_export_keeps_the_operator(tmp_path, kernel_calls):
+    """torch.export records the operator, the .pt2 file loads back (with ema_hub imported) and runs the kernel."""
+    layer = _layer().eval()
+    x = torch.randn(3, 64, 9, 7)
+    program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))
+    targets = [n.target for n in program.graph.nodes if n.op == 'call_function']
+    assert torch.ops.ema_hub.ema_forward.default in targets
+    torch.export.save(program, str(tmp_path / 'layer.pt2'))
+    loaded = torch.export.load(str(tmp_path / 'layer.pt2')).module()
+    before = kernel_calls['forward']
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.randn(5, 64, 9, 7)).shape, torch.Size([5, 64, 9, 7]))
+        torch.testing.assert_close(loaded(x), layer(x))
+    assert kernel_calls['forward'] > before
+
+
+def test_meta_device():
+    """Built and run on the meta device: shapes only, through the operator's fake implementation."""
+    layer = EMA(96, device='meta')
+    out = layer(torch.empty(2, 96, 11, 6, device='meta'))
+    assert out.device.type == 'meta' and out.shape == (2, 96, 11, 6)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_input_computes_in_float32(dtype):
+    """Half-precision input (autocast's convolutions produce it) is computed in float32 and cast back; the
+    statistics the backward keeps are float32."""
+    layer = _layer()
+    x = torch.randn(2, 64, 6, 6) + 0.5
+    out, gate, pooled, edges, sums = ops.ema_forward(*_args(layer, x.to(dtype)))
+    assert out.dtype == dtype and {t.dtype for t in (gate, pooled, edges, sums)} == {torch.float32}
+    with torch.no_grad():
+        want = layer(x.to(dtype).float())
+    torch.testing.assert_close(out.float(), want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
+def test_statistics_are_not_differentiable():
+    """Only the output carries gradient: the statistics are marked non-differentiable."""
+    layer = _layer()
+    x = torch.randn(2, 64, 5, 5, requires_grad=True)
+    out, *stats = ops.ema_forward(*_args(layer, x))
+    assert out.requires_grad and not any(t.requires_grad for t in stats)
