@@ -17,6 +17,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
+from ema_hub.engine.output import read_features
 from support.cli import run
 from support.images import BAD, GOOD
 from support.models import LABELS
@@ -129,13 +130,7 @@ def test_features(inputs: Dict[str, Path], checkpoint: Path, tmp_path: Path, suf
     assert proc.returncode == 1
     assert f'error: {inputs["empty.jpg"]}: not an image' in proc.stderr and 'wrote 3 x 512' in proc.stderr
     good = [str(inputs[n]) for n in names if n not in BAD]
-    if suffix == '.npz':
-        with np.load(out) as data:
-            features, paths = data['features'], data['paths'].tolist()
-    else:
-        from safetensors import safe_open
-        with safe_open(str(out), framework='np') as f:
-            features, paths = f.get_tensor('features'), json.loads(f.metadata()['paths'])
+    features, paths, _ = read_features(out)
     assert features.shape == (3, 512) and features.dtype == np.float32 and paths == good
     assert np.isfinite(features).all()
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ema_hub.engine import distributed
+from ema_hub.engine.output import read_features
 from support.cli import ROOT
 
 SCRIPT = r'''
@@ -90,8 +91,8 @@ def _run(folder, weights, out, nproc):
     proc = subprocess.run(launcher + [str(script), str(folder), str(weights), str(out)], capture_output=True,
                           text=True, timeout=600, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    data = np.load(out)
-    return data['features'], list(data['paths']), json.loads(Path(str(out) + '.json').read_text())
+    features, paths, _ = read_features(out)
+    return features, paths, json.loads(Path(str(out) + '.json').read_text())
 
 
 def test_torchrun_features_gathered_once_in_input_order(image_folder, weights_file, tmp_path):
@@ -115,10 +116,10 @@ def test_torchrun_features_cli_matches_single_process(image_folder, weights_file
                               env={**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'})
         assert proc.returncode == 1, proc.stderr[-3000:]  # the unreadable file is reported: exit 1
         assert proc.stderr.count('img99.png') == 1
-        return np.load(out)
+        return read_features(out)
 
-    one = run(1, tmp_path / 'one.npz')
-    two = run(2, tmp_path / 'two.npz')
-    assert list(two['paths']) == list(one['paths']) and len(one['paths']) == 23
-    np.testing.assert_allclose(two['features'], one['features'], rtol=1e-4, atol=1e-5)
+    one_features, one_paths, _ = run(1, tmp_path / 'one.npz')
+    two_features, two_paths, _ = run(2, tmp_path / 'two.npz')
+    assert two_paths == one_paths and len(one_paths) == 23
+    np.testing.assert_allclose(two_features, one_features, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['one.npz', 'two.npz']

@@ -1,6 +1,5 @@
 """Pooled embeddings of image files (ema_hub/engine/features.py): batch by batch, gathered (one process here; the
 torchrun runs are in test_distributed.py) and written by ``extract_features``, what ``ema-hub features`` runs."""
-import json
 from pathlib import Path
 from typing import Dict
 
@@ -11,6 +10,7 @@ import torch
 from ema_hub.engine.features import FeatureSummary, extract_features, gather_features, iter_features, \
     pooled_features
 from ema_hub.engine.images import InputEntry
+from ema_hub.engine.output import read_features
 from ema_hub.errors import UsageError
 
 
@@ -64,14 +64,8 @@ def test_extract_features_writes_the_file_and_reports_failures(checkpoint: Path,
     assert [name for name, _ in reported] == ['empty.jpg', 'gone.png']
     assert 'not an image' in reported[0][1] and reported[1][1] == 'no such file or directory'
     good = [str(inputs[n]) for n in names if n != 'empty.jpg']
-    if suffix == '.npz':
-        with np.load(out) as data:
-            features, paths = data['features'], data['paths'].tolist()
-    else:
-        from safetensors import safe_open
-        with safe_open(str(out), framework='np') as f:
-            features, paths = f.get_tensor('features'), json.loads(f.metadata()['paths'])
-            assert f.metadata()['model'] == f'local-dir:{checkpoint}'
+    features, paths, metadata = read_features(out)
+    assert metadata == ({} if suffix == '.npz' else {'model': f'local-dir:{checkpoint}'})
     assert features.shape == (3, 512) and features.dtype == np.float32 and paths == good
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no spill file left
 

@@ -9,7 +9,8 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from ema_hub.engine.output import FeatureWriter, RecordWriter, check_feature_output, format_for_output, progress_bar
+from ema_hub.engine.output import FeatureWriter, RecordWriter, check_feature_output, format_for_output, progress_bar, \
+    read_features
 from ema_hub.errors import UsageError
 
 
@@ -100,3 +101,14 @@ def test_check_feature_output(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match='.npz or .safetensors') as info:
             check_feature_output(tmp_path / name)
         assert isinstance(info.value, ValueError) and info.value.exit_code == 2 and repr(Path(name).name) in str(info.value)
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
+def test_read_features_reads_what_the_writer_wrote(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f'f{suffix}'
+    features = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with FeatureWriter(out, metadata={'model': 'm'}) as writer:
+        writer.add(['a.jpg', 'b.jpg', 'c.jpg'], features)
+    got, paths, metadata = read_features(out)
+    assert np.array_equal(got, features) and got.dtype == np.float32 and paths == ['a.jpg', 'b.jpg', 'c.jpg']
+    assert metadata == ({} if suffix == '.npz' else {'model': 'm'})

@@ -5,7 +5,7 @@ its strided shard and rank 0 gathers the rows back into input order and writes t
 the same as a single process writes.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -23,14 +23,14 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO, Union
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
 
 from ..errors import UsageError
 
 __all__ = ['FORMATS', 'RecordWriter', 'format_for_output', 'progress_bar', 'FeatureWriter', 'check_feature_output',
-           'FEATURE_SUFFIXES']
+           'read_features', 'FEATURE_SUFFIXES']
 
 FORMATS = ('table', 'json', 'jsonl', 'csv')
 FEATURE_SUFFIXES = ('.npz', '.safetensors')
@@ -120,6 +120,19 @@ def check_feature_output(out: Union[str, Path]) -> Path:
     if out.suffix.lower() not in FEATURE_SUFFIXES:
         raise UsageError(f'--output must end in .npz or .safetensors, not {out.name!r}')
     return out
+
+
+def read_features(path: Union[str, Path]) -> Tuple[np.ndarray, List[str], Dict[str, str]]:
+    """What ``FeatureWriter`` (and so ``ema-hub features``) wrote: the features (N x D float32), the N paths, and
+    the metadata (.safetensors only; empty for .npz)."""
+    path = check_feature_output(path)
+    if path.suffix.lower() == '.npz':
+        with np.load(path) as data:
+            return data['features'], [str(p) for p in data['paths'].tolist()], {}
+    from safetensors import safe_open
+    with safe_open(str(path), framework='np') as f:
+        metadata = dict(f.metadata())
+        return f.get_tensor('features'), json.loads(metadata.pop('paths')), metadata
 
 
 class FeatureWriter:
