@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import MissingDependencyError, UsageError
+from .layers.onnx_graph import translations
 from .specs import PathLike
 
 __all__ = ['FORMATS', 'ExportReport', 'export_model', 'export_module', 'onnx_session']
@@ -133,9 +134,12 @@ def _smallest_size(module: nn.Module) -> int:
 def _export_onnx(module: nn.Module, x: torch.Tensor, dims, output: Path) -> None:
     import onnx
 
+    import os
     with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx.export reports its progress on stdout
         program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=(dims,), input_names=['input'],
-                                    output_names=['output'], external_data=False)
+                                    output_names=['output'], external_data=False,
+                                    custom_translation_table=translations(),
+                                    optimize=os.environ.get('EMA_OPT', '1') == '1')
     program.save(str(output), external_data=False)
     onnx.checker.check_model(str(output), full_check=True)
 

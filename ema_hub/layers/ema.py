@@ -94,7 +94,10 @@ class EMA(nn.Module):
 
     @torch.jit.unused
     def _forward_op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.ema_forward(x, *self.params(), self.tap_edges, self.groups, self.gn.eps)[0]
+        params = self.params()
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return ops.ema_forward(x, *params, self.tap_edges, self.groups, self.gn.eps)[0]
+        return ops.ema(x, *params, self.tap_edges, self.groups, self.gn.eps)
 
 
 @torch.jit.unused

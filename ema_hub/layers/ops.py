@@ -1,16 +1,18 @@
-"""EMA as two PyTorch custom operators, so that eager mode, torch.compile and torch.export all call the same
-kernels: ``ema_hub::ema_forward`` and ``ema_hub::ema_backward`` (``torch.library.custom_op``).
+"""EMA as PyTorch custom operators, so that eager mode, torch.compile and torch.export all call the same kernels
+(``torch.library.custom_op``):
 
-* Their fake implementations give shapes without computing, so FakeTensor tracing (compile, export) and the
-  meta device work; both operators are opaque to the compiler, which calls the kernels below.
-* ``ema_forward`` returns the output and the ``Stats`` its backward needs (a few per-channel and per-pixel
-  tensors: the input is the only full-size tensor kept); its autograd formula calls ``ema_backward``, or
-  differentiates ``algebra.ema_portable`` when a graph of the backward is wanted (double backward).
-* Implementations: on the CPU, the compiled kernels for float32 (``native``), else PyTorch ops (``eager``);
-  on CUDA, the forward's two Triton kernels (``ema_triton``) for float32, bfloat16 and float16, the backward
-  as PyTorch ops. Half-precision input is computed in float32 and the output cast back (autocast included).
-* ONNX: ``torch.onnx.export`` decomposes ``ema_forward`` into ``algebra.ema_portable``, standard operators any
-  ONNX runtime runs; ``torch.export`` keeps the operator (a .pt2 file runs it where ema_hub is imported).
+* ``ema_hub::ema``: inference, the output alone.
+* ``ema_hub::ema_forward``: training, the output and the ``Stats`` its backward needs (a few per-channel and
+  per-pixel tensors: the input is the only full-size tensor kept); its autograd formula calls
+  ``ema_hub::ema_backward``, or differentiates ``algebra.ema_portable`` when a graph of the backward is wanted
+  (double backward).
+
+Their fake implementations give shapes without computing, so FakeTensor tracing (compile, export) and the meta
+device work; the operators are opaque to the compiler, which calls the kernels below. Implementations: on the
+CPU, the compiled kernels for float32 (``native``), else PyTorch ops (``eager``); on CUDA, the forward's two
+Triton kernels (``ema_triton``) for float32, bfloat16 and float16, the backward as PyTorch ops. Half-precision
+input is computed in float32 and the output cast back (autocast included). ONNX: ``onnx_graph`` writes ``ema``
+in standard operators; ``torch.export`` keeps the operators (a .pt2 file runs them where ema_hub is imported).
 """
 from typing import List, Optional, Tuple
 
@@ -20,7 +22,7 @@ from torch import Tensor
 from . import eager, native
 from .algebra import Coefficients, Params, coefficients, ema_portable, gates, grouped, shift
 
-__all__ = ['ema_forward', 'ema_backward', 'forward_triton', 'triton_kernels']
+__all__ = ['ema', 'ema_forward', 'ema_backward', 'forward_triton', 'triton_kernels']
 
 # The CUDA forward needs Triton (PyTorch's CUDA builds bring it); imported only where a GPU is present, and not
 # with EMA_HUB_NATIVE=0.
@@ -81,10 +83,31 @@ def _forward_cuda(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor
     return _forward(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)
 
 
-def forward_triton(x: Tensor, params: Params, tap_edges: Tensor, groups: int,
-                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op('ema_hub::ema', mutates_args=())
+def ema(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor, tap_edges: Tensor,
+        groups: int, eps: float) -> Tensor:
+    """EMA for inference: ``ema_forward``'s output alone."""
+    return _forward(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)[0]
+
+
+@ema.register_kernel('cuda')
+def _ema_cuda(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor,
+              tap_edges: Tensor, groups: int, eps: float) -> Tensor:
+    if triton_kernels(x):  # without the gate, which only a backward reads
+        return forward_triton(x, Params(w1, b1, gamma, beta, w3, b3), tap_edges, groups, eps, for_backward=False)[0]
+    return _forward(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)[0]
+
+
+@ema.register_fake
+def _ema_fake(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps):
+    return _new_output(x)
+
+
+def forward_triton(x: Tensor, params: Params, tap_edges: Tensor, groups: int, eps: float,
+                   for_backward: bool = True) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
     """The CUDA forward: two Triton kernels around the small per-group algebra, in float32 whatever x's dtype;
-    x keeps its strides (channels_last input is read in place). Returns what ``ema_forward`` returns."""
+    x keeps its strides (channels_last input is read in place). Returns what ``ema_forward`` returns (the gate
+    None without ``for_backward``)."""
     b, _, h, w = x.shape
     p = Params(*(t.detach().float() for t in params))
     pooled, edges = ema_triton.pool(x, groups)
@@ -92,7 +115,7 @@ def forward_triton(x: Tensor, params: Params, tap_edges: Tensor, groups: int,
     co = coefficients(edges, edges.new_zeros(edges.shape[:2]), edges.new_zeros(edges.shape[:2]), p,
                       tap_edges.float(), eps, h * w)  # only s2 and the taps are read before the statistics
     out = torch.empty_like(x)
-    gate = x.new_empty((b * groups, h, w), dtype=torch.float32)
+    gate = x.new_empty((b * groups, h, w), dtype=torch.float32) if for_backward else None
     sums = ema_triton.apply(x, groups, g, shift(pooled, g, h), co.s2, p.gamma, p.beta,
                             co.taps.taps_mix.contiguous(), co.taps.const.reshape(1), eps, out, gate)
     return out, gate, pooled, edges, torch.stack([sums[0], sums[1]])
@@ -181,10 +204,9 @@ def _backward(ctx, dout: Tensor, *_unused: Optional[Tensor]):
 ema_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-# torch.onnx.export decomposes with this table (besides torch.export's own), so the ONNX graph holds the plain
-# ops of ema_portable in place of the operator, which no ONNX runtime has; torch.export and torch.compile
-# do not read it.
-@torch._decomp.register_decomposition(torch.ops.ema_hub.ema_forward.default)
-def _portable_outputs(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps) -> List[Tensor]:
-    out, stats = ema_portable(x, groups, Params(w1, b1, gamma, beta, w3, b3), tap_edges, eps)
-    return [out, stats.gate, stats.pooled, stats.edges, stats.sums]
+# A plain torch.onnx.export (without ``onnx_graph.translations()``) decomposes the inference operator with this
+# table into ema_portable's plain ops, which any ONNX runtime has; torch.export and torch.compile keep the
+# operator.
+@torch._decomp.register_decomposition(torch.ops.ema_hub.ema.default)
+def _portable(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps) -> Tensor:
+    return ema_portable(x, groups, Params(w1, b1, gamma, beta, w3, b3), tap_edges, eps)[0]
