@@ -65,7 +65,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device: str,
+def _interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: str,
                  warmup: int = 1) -> Dict[str, List[float]]:
     """Seconds of each callable in each of ``repeats`` rounds, timing them round-robin after ``warmup`` rounds.
 
@@ -90,18 +90,20 @@ def _ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Forward and backward with respect to the input and the parameters; returns the input's gradient."""
     def step():
         xr = x.detach().requires_grad_()
         model(xr).backward(grad)
         model.zero_grad(set_to_none=True)
+        return xr.grad
     return step
 
 
-def _infer(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> Callable[[], None]:
+def _infer(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> Callable[[], torch.Tensor]:
     def run():
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            model(x)
+            return model(x)
     return run
 
 
@@ -186,9 +188,9 @@ class _Runners:
         self.mode, self.nets, self.x, self.grad, self.threads, self.folder = mode, nets, x, grad, threads, folder
         self.autocast = autocast
         self.export_s: Dict[str, float] = {}
-        self._made: Dict[tuple, Callable[[], None]] = {}
+        self._made: Dict[tuple, Callable[[], object]] = {}
 
-    def get(self, name: str, kind: str) -> Optional[Callable[[], None]]:
+    def get(self, name: str, kind: str) -> Optional[Callable[[], object]]:
         if kind == 'train' and self.mode == 'onnxruntime':
             return None
         key = (name, kind)
@@ -196,7 +198,7 @@ class _Runners:
             self._made[key] = self._make(name, kind)
         return self._made[key]
 
-    def _make(self, name: str, kind: str) -> Callable[[], None]:
+    def _make(self, name: str, kind: str) -> Callable[[], object]:
         net = self.nets[name].train(kind == 'train')
         if self.mode == 'onnxruntime':
             return self._onnx(name, net)
@@ -205,14 +207,14 @@ class _Runners:
             return _train_step(model, self.x, self.grad)
         return _infer(model, self.x, self.autocast)
 
-    def _onnx(self, name: str, net: nn.Module) -> Callable[[], None]:
+    def _onnx(self, name: str, net: nn.Module) -> Callable[[], object]:
         from ema_hub.export import export_module, onnx_session
         path = f'{self.folder}/{name}.onnx'
         report = export_module(net, path, tuple(self.x.shape))
         self.export_s[name] = report.export_s
         session = onnx_session(path, self.threads)
         feed = {session.get_inputs()[0].name: self.x.numpy()}
-        return lambda: session.run(None, feed)
+        return lambda: session.run(None, feed)[0]
 
 
 def bench_networks(device: str, modes: List[str], batch: int, repeats: int, img: int, threads: int,

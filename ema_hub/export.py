@@ -1,9 +1,9 @@
 """Export a model for deployment: an ONNX graph for onnxruntime (and any ONNX runtime), or a torch.export program.
 
 ``export_model(spec, 'model.onnx')`` traces the model with ``torch.onnx.export`` (EMA becomes standard ONNX
-operators: ``ema_hub.layers.algebra.ema_portable``), checks the file with onnx's checker and runs it in
+operators: ``ema_hub.layers.onnx_graph``), checks the file with onnx's checker and runs it in
 onnxruntime against the PyTorch model; ``'model.pt2'`` saves a ``torch.export`` ExportedProgram (EMA stays
-the ``ema_hub::ema_forward`` operator, so loading it needs ``import ema_hub``) and runs it back. The batch
+the ``ema_hub::ema`` operator, so running it needs ``import ema_hub``) and runs it back. The batch
 dimension is always dynamic; ``dynamic_size`` makes height and width dynamic too, and the check then runs at a
 second, non-square size as well.
 """
@@ -134,14 +134,30 @@ def _smallest_size(module: nn.Module) -> int:
 def _export_onnx(module: nn.Module, x: torch.Tensor, dims, output: Path) -> None:
     import onnx
 
-    import os
     with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx.export reports its progress on stdout
         program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=(dims,), input_names=['input'],
                                     output_names=['output'], external_data=False,
-                                    custom_translation_table=translations(),
-                                    optimize=os.environ.get('EMA_OPT', '1') == '1')
+                                    custom_translation_table=translations(), optimize=False)
+    _fold_constants(program.model)
     program.save(str(output), external_data=False)
     onnx.checker.check_model(str(output), full_check=True)
+
+
+def _fold_constants(model) -> None:
+    """The graph with what depends on weights alone folded into initializers (BatchNorm's training-form
+    arithmetic, EMA's parameter-only algebra), unused nodes dropped and repeats merged.
+
+    Instead of the exporter's ``optimize=True``: its pattern rewrites cost minutes on a graph with EMA layers
+    and gain nothing in onnxruntime, which fuses operators itself when it loads the file.
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(model, onnx_shape_inference=True, input_size_limit=1 << 24)  # EMA's 3x3 weights included
+    ir.passes.Sequential(common.RemoveUnusedNodesPass(),
+                         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                         common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass())(model)
 
 
 def onnx_session(path: PathLike, threads: Optional[int] = None):

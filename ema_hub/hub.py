@@ -190,6 +190,10 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
 
 def label_names(model: nn.Module) -> Optional[List[str]]:
     """The model's class names as its pretrained cfg gives them (ImageNet synsets, folder names), one per class."""
+    return _cfg_label_names(model)
+
+
+def _cfg_label_names(model: nn.Module) -> Optional[List[str]]:
     names = (getattr(model, 'pretrained_cfg', {}) or {}).get('label_names')
     if not names or len(names) != getattr(model, 'num_classes', len(names)):
         return None
@@ -238,10 +242,16 @@ def save_pretrained(
     """Write ``model`` in timm's Hub layout (config.json, model.safetensors) with its model card as README.md.
 
     ``data_config`` (input_size, interpolation, crop_pct, mean, std) and ``label_names`` (one per class) go
-    into config.json, replacing those of the model's pretrained cfg.
+    into config.json, replacing those of the model's pretrained cfg. The class names (``label_names``, else the
+    model's own) go to config.json's top level, where timm reads them first and transformers' TimmWrapper
+    reads them only; an ImageNet head's synsets stay in the pretrained cfg, as in timm's own checkpoints, so
+    that transformers names those classes by their descriptions, as ``ema-classify`` does.
     """
     folder = Path(folder)
-    model_config = {'label_names': list(label_names)} if label_names is not None else None
+    names = list(label_names) if label_names is not None else _cfg_label_names(model)
+    model_config = None
+    if names is not None and not _imagenet_synsets(names):
+        model_config = {'label_names': names}
     timm.models.save_for_hf(
         model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
     _without_duplicate_num_classes(folder / 'config.json')
@@ -253,6 +263,14 @@ def save_pretrained(
         card = render_card(variant, repo_id=repo_id)
     (folder / 'README.md').write_text(card, encoding='utf-8')
     return folder
+
+
+def _imagenet_synsets(names: List[str]) -> bool:
+    """Whether ``names`` are the synsets of the ImageNet subset with that many classes (timm's tables)."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({'num_classes': len(names)})
+    return bool(subset) and ImageNetInfo(subset).label_names() == names
 
 
 def _without_duplicate_num_classes(config: Path) -> None:

@@ -40,6 +40,9 @@ def test_opcheck():
     layer = _layer()
     x = (torch.randn(2, 64, 7, 5) + 0.5).requires_grad_()
     torch.library.opcheck(ops.ema_forward, _args(layer, x))
+    with torch.no_grad():  # the inference operator, which has no autograd formula
+        args = _args(layer, x.detach())
+    torch.library.opcheck(ops.ema, tuple(a.detach() if torch.is_tensor(a) else a for a in args))
     with torch.no_grad():
         _, *stats = ops.ema_forward(*_args(layer, x.detach()))
     dy = torch.randn(2, 64, 7, 5)
@@ -72,12 +75,14 @@ def test_compiled_calls_the_same_kernels(kernel_calls):
 
 
 def test_export_keeps_the_operator(tmp_path, kernel_calls):
-    """torch.export records the operator, the .pt2 file loads back (with ema_hub imported) and runs the kernel."""
+    """torch.export records the operator (the inference one without grad), the .pt2 file loads back (with ema_hub
+    imported) and runs the kernel."""
     layer = _layer().eval()
     x = torch.randn(3, 64, 9, 7)
-    program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))
     targets = [n.target for n in program.graph.nodes if n.op == 'call_function']
-    assert torch.ops.ema_hub.ema_forward.default in targets
+    assert torch.ops.ema_hub.ema.default in targets
     torch.export.save(program, str(tmp_path / 'layer.pt2'))
     loaded = torch.export.load(str(tmp_path / 'layer.pt2')).module()
     before = kernel_calls['forward']
@@ -113,3 +118,13 @@ def test_statistics_are_not_differentiable():
     x = torch.randn(2, 64, 5, 5, requires_grad=True)
     out, *stats = ops.ema_forward(*_args(layer, x))
     assert out.requires_grad and not any(t.requires_grad for t in stats)
+
+
+def test_output_can_be_modified_in_place():
+    """A residual ``out += shortcut`` after the layer (timm's blocks do it) is allowed and differentiated."""
+    layer = _layer()
+    x = torch.randn(2, 64, 5, 5, requires_grad=True)
+    out = layer(x)
+    out += x
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -47,3 +47,20 @@ def test_finetuned_folder_in_the_pipeline(trained, digits):
     top = _pipeline_top(folder, image, 5)
     assert all(p['label'] in [str(d) for d in range(10)] for p in top)
     _assert_same_ranking(top, _ema_classify_top(folder, image, 5))
+
+
+def test_imagenet_head_named_as_ema_classify_names_it(tmp_path):
+    """An ImageNet head's synsets stay in the pretrained cfg (as in timm's own checkpoints): transformers then
+    names the classes by their descriptions, the names ema-classify prints; timm still reads the synsets."""
+    import timm
+
+    import ema_hub  # noqa: F401  (registers the variants)
+    from ema_hub.hub import class_labels, create_model, label_names, save_pretrained
+
+    model = timm.create_model('resnet18_ema', pretrained=False)
+    assert label_names(model) is not None and len(label_names(model)) == 1000
+    save_pretrained(model, tmp_path / 'in1k')
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path / 'in1k'))
+    assert [config.id2label[i] for i in range(1000)] == class_labels(model)
+    reloaded = create_model(f'local-dir:{tmp_path / "in1k"}')
+    assert label_names(reloaded) == label_names(model) and class_labels(reloaded) == class_labels(model)

@@ -106,6 +106,34 @@ def test_create_model_kwargs(name):
     assert all(p.grad is not None for n, p in model.named_parameters() if '.se.' in n and 'conv3x3' in n)
 
 
+@pytest.mark.parametrize('name', NAMES)
+def test_meta_device(name):
+    """Built on the meta device and run there (shapes only, through the operators' fake implementations), as
+    timm's own tests do; materialized, it computes."""
+    model = timm.create_model(name, device='meta', num_classes=3)
+    assert all(p.device.type == 'meta' for p in model.parameters())
+    out = model(torch.empty(2, 3, 64, 48, device='meta'))
+    assert out.device.type == 'meta' and out.shape == (2, 3)
+    # materialized as timm does it: empty storage, the checkpoint, then the computed buffers
+    torch.manual_seed(0)
+    ref = timm.create_model(name, num_classes=3).eval()
+    with torch.no_grad():  # weights under which every EMA layer matters (timm zero-inits the last BN of a block)
+        for m in ref.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, EMA)):
+                for p in m.parameters():
+                    p.uniform_(0.5, 1.5)
+    model = model.to_empty(device='cpu').eval()
+    model.load_state_dict(ref.state_dict())
+    from timm.models._manipulate import reinit_non_persistent_buffers
+    assert sum(isinstance(m, EMA) for m in model.modules()) == len(
+        [n for n in reinit_non_persistent_buffers(model) if isinstance(model.get_submodule(n), EMA)]) > 0
+    from ema_hub.layers.algebra import tap_edges
+    assert all(torch.equal(m.tap_edges, tap_edges()) for m in model.modules() if isinstance(m, EMA))
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
+
+
 @pytest.mark.parametrize('name', ['resnet18_ema', 'resnext50_32x4d_ema', 'mobilenetv2_140_ema'])
 def test_features_only_matches_base(name):
     v = VARIANTS[name]

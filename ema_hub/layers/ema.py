@@ -9,17 +9,20 @@ identities): a few memory-bound passes over the input. Which implementation runs
 ================================  ========================================  ======================================
 mode                              forward                                   backward
 ================================  ========================================  ======================================
-eager, torch.compile,             operator ``ema_hub::ema_forward``:         operator ``ema_hub::ema_backward``:
-torch.export, autocast,           CPU float32: compiled C kernel             CPU float32: compiled C kernel
-meta device                       (``native``); CUDA float32/bf16/fp16:     (``native``) for the full-size part;
-                                  two Triton kernels (``ema_triton``);      elsewhere PyTorch ops (``eager``)
+eager, torch.compile,             operator ``ema_hub::ema`` (no gradient    operator ``ema_hub::ema_backward``:
+torch.export, autocast,           wanted) or ``ema_hub::ema_forward``       CPU float32: compiled C kernel
+meta device                       (training): CPU float32: compiled C       (``native``) for the full-size part;
+                                  kernel (``native``); CUDA float32/bf16/   elsewhere PyTorch ops (``eager``)
+                                  fp16: Triton kernels (``ema_triton``);
                                   elsewhere PyTorch ops (``eager``);
                                   meta and FakeTensor: shapes only
 double backward                   the operator                              ``algebra.ema_portable`` differentiated
 TorchScript (script and trace),   ``algebra.ema_portable``: plain ops       autograd through those ops
 torch.func (vmap, grad)
-ONNX (``torch.onnx.export``)      ``algebra.ema_portable`` in standard      (inference only)
-                                  ONNX operators
+ONNX (``ema_hub.export``)         ``ema_hub::ema`` in standard ONNX         (inference only)
+                                  operators (``onnx_graph``); a plain
+                                  ``torch.onnx.export`` decomposes it
+                                  into ``ema_portable``
 timm's FX tracing                 EMA is a leaf: the graph calls the        as eager
                                   module, so as eager
 ================================  ========================================  ======================================
@@ -81,7 +84,14 @@ class EMA(nn.Module):
         self.conv1x1 = nn.Conv2d(c, c, kernel_size=1, **dd)
         self.conv3x3 = nn.Conv2d(c, c, kernel_size=3, padding=1, **dd)
         # A constant, not state: follows .to() but stays out of the state dict.
-        self.register_buffer('tap_edges', tap_edges().to(**dd), persistent=False)
+        self.register_buffer('tap_edges', torch.empty(9, 9, **dd), persistent=False)
+        self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Fill ``tap_edges`` (timm's hook: a model built on the meta device gets it after ``to_empty``)."""
+        if self.tap_edges.device.type != 'meta':
+            with torch.no_grad():
+                self.tap_edges.copy_(tap_edges())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not _recorded():

@@ -62,14 +62,16 @@ def _forward(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3:
     dtype = _compute_dtype(x)
     p = Params(*(t.detach().to(dtype) for t in (w1, b1, gamma, beta, w3, b3)))
     gx = grouped(x, groups).to(dtype).contiguous()
-    out = torch.empty(gx.shape, dtype=dtype, device=x.device)
+    # x's shape, not a view of the grouped buffer: an operator's output that is a view cannot be modified in
+    # place by autograd's rules (a residual `+=` after the layer)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
     n, c, h, w = gx.shape
     if native.supports(gx, list(p)):
-        gate, pooled, edges, sums = native.forward(gx, p, eps, out)
+        gate, pooled, edges, sums = native.forward(gx, p, eps, out.view(gx.shape))
     else:
         gate, pooled, edges, sums = eager.forward(
-            gx, p, out, lambda e, s: coefficients(e, s[0], s[1], p, tap_edges.to(dtype), eps, h * w))
-    return out.view(x.shape).to(x.dtype), gate, pooled, edges, sums
+            gx, p, out.view(gx.shape), lambda e, s: coefficients(e, s[0], s[1], p, tap_edges.to(dtype), eps, h * w))
+    return out.to(x.dtype), gate, pooled, edges, sums
 
 
 ema_forward = torch.library.custom_op('ema_hub::ema_forward', _forward, mutates_args=())
