@@ -113,3 +113,4 @@ def measured(trained, digits) -> Dict[str, float]:
     """``support.digits.independent_eval`` of the trained folder on the digits' val/ split."""
     from support.digits import independent_eval
     return independent_eval(trained[0], digits / 'val')
+

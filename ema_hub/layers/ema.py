@@ -30,7 +30,7 @@ timm's FX tracing                 EMA is a leaf: the graph calls the        as e
 Half-precision input computes in float32 and is cast back. ``ema_hub/reference.py`` holds the paper's
 straightforward form (test oracle, benchmark baseline); ``ema-hub benchmark`` times them side by side.
 """
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from timm.layers import register_notrace_module

@@ -14,7 +14,7 @@ Triton kernels (``ema_triton``) for float32, bfloat16 and float16, the backward 
 input is computed in float32 and the output cast back (autocast included). ONNX: ``onnx_graph`` writes ``ema``
 in standard operators; ``torch.export`` keeps the operators (a .pt2 file runs them where ema_hub is imported).
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
