@@ -39,10 +39,13 @@ class ExportReport:
     max_rel_diff: Dict[str, float] = field(default_factory=dict)   # max |diff| / max |PyTorch output|
 
 
-def _check_format(output: PathLike) -> str:
+def _check_output(output: PathLike) -> str:
+    """The format the output's suffix picks, once its packages are known to be there (before any slow work)."""
     suffix = Path(output).suffix.lower()
     if suffix not in FORMATS:
         raise UsageError(f'{Path(output).name}: the output suffix picks the format, one of {", ".join(FORMATS)}')
+    if suffix == '.onnx':
+        _require_onnx()
     return suffix
 
 
@@ -66,9 +69,7 @@ def export_model(model: str, output: PathLike, *, weights: Optional[str] = None,
     ``batch_size`` is the example batch the model is traced and checked with (the exported batch is dynamic);
     ``img_size`` (H, or H and W) defaults to the model's input size.
     """
-    suffix = _check_format(output)
-    if suffix == '.onnx':
-        _require_onnx()
+    _check_output(output)  # before loading the model
     from .engine.inference import load_model
     from timm.data import resolve_data_config
 
@@ -84,7 +85,7 @@ def export_module(module: nn.Module, output: PathLike, input_shape: Sequence[int
                   dynamic_size: bool = False) -> ExportReport:
     """``export_model`` for a module in eval mode and an example input shape (B, C, H, W)."""
     output = Path(output)
-    suffix = _check_format(output)
+    suffix = _check_output(output)
     if input_shape[0] < 2 or (dynamic_size and min(input_shape[2:]) < 2):
         # torch.export specialises sizes of 1: a dynamic dimension needs an example of at least 2
         raise UsageError('a dynamic dimension needs an example size of at least 2: use --batch-size 2 or more'
@@ -100,7 +101,6 @@ def export_module(module: nn.Module, output: PathLike, input_shape: Sequence[int
     start = time.perf_counter()
     with torch.no_grad():
         if suffix == '.onnx':
-            _require_onnx()
             _export_onnx(module, x, dims, output)
         else:
             torch.export.save(torch.export.export(module, (x,), dynamic_shapes=(dims,)), str(output))
