@@ -229,6 +229,7 @@ def test_inference_path_matches_reference_and_keeps_input(mode, layout, eager_pa
     with getattr(torch, mode)():
         y = fast(x)
     assert torch.equal(x, before)
+    assert y.stride() == x.stride()  # channels_last in, channels_last out (torch.compile relies on it)
     torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
 
 

@@ -43,6 +43,9 @@ def test_opcheck():
     with torch.no_grad():  # the inference operator, which has no autograd formula
         args = _args(layer, x.detach())
     torch.library.opcheck(ops.ema, tuple(a.detach() if torch.is_tensor(a) else a for a in args))
+    # channels_last in, channels_last out: the fake's strides are the kernel's
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.ema, tuple(a.detach() if torch.is_tensor(a) else a for a in _args(layer, x_cl)))
     with torch.no_grad():
         _, *stats = ops.ema_forward(*_args(layer, x.detach()))
     dy = torch.randn(2, 64, 7, 5)
@@ -72,6 +75,21 @@ def test_compiled_calls_the_same_kernels(kernel_calls):
     xe = x.clone().requires_grad_()
     ref(xe).square().sum().backward()
     torch.testing.assert_close(xr.grad, xe.grad, rtol=0, atol=1e-4 * xe.grad.abs().max().item())
+
+
+def test_compiled_channels_last_network(kernel_calls):
+    """Between convolutions torch.compile hands the operator channels_last maps (its layout optimisation); the
+    kernel reads and writes them in place, and the network equals eager."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), _layer(), torch.nn.Conv2d(64, 8, 1)).eval()
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 12, 10).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = net(x)
+        before = kernel_calls['forward']
+        got = torch.compile(net, fullgraph=True)(x)
+    assert kernel_calls['forward'] > before
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
 def test_export_keeps_the_operator(tmp_path, kernel_calls):

@@ -176,7 +176,7 @@ static void group_backward(const BackArgs *A, long g, float *scratch) {
     }
 
     /* 5. dpooled = w1^T du. */
-    matmul_t16(A->w1, (c + 15) / 16, c, c, du, L, dpooled);
+    matmul_t(A->w1, c, c, du, L, dpooled);
 
     /* 6. dx += dy gate + the one-output 3x3 term's transpose (sum_t taps_mix[t] z_t) + the pooling's share
        (rows, columns, edge sums); and that term's tap gradient, sum_p z_t x. */

@@ -14,8 +14,8 @@
 #include "ema_kernels.h"
 
 typedef struct {
-    const float *x;                  /* (n, c, H, W): groups folded into the batch */
-    float *out;                      /* (n, c, H, W) */
+    const float *x;                  /* (n, c, H, W): groups folded into the batch; channels_last: (B, H, W, C) */
+    float *out;                      /* x's layout */
     float *gate;                     /* (n, H, W): sigmoid(cross), for the backward */
     float *pooled;                   /* (n, c, H + W): row means, then column means */
     float *edges;                    /* (n, c, 9): the edge sums of _edge_sums */
@@ -26,39 +26,58 @@ typedef struct {
     float eps;
     long n, c, h, w;
     int threads;
+    int channels_last;               /* x and out are (B, H, W, C), C = groups * c: read and written in place */
+    long groups;
 } Args;
 
 /* What every group shares, from the parameters alone: made once per call. */
 typedef struct {
-    long cv;                         /* c in blocks of 16 */
-    float *w1t;                      /* (c, cv * 16): w1 transposed, zero padded */
-    float *b1p;                      /* (cv * 16) */
-    float *taps_et;                  /* (cv, c * 9, 16): taps_e (_coefficients) transposed, zero padded, in
-                                        blocks of 16 outputs, each read front to back by step 4 */
+    float *w1t;                      /* (c, ROUND16(c)): w1 transposed, zero padded */
+    float *b1p;                      /* (ROUND16(c)) */
+    float *taps_et;                  /* (ROUND16(c) / VL, c * 9, VL): taps_e (_coefficients) transposed, zero
+                                        padded, in blocks of VL outputs, each read front to back by step 4 */
     float *taps_mix;                 /* (9, c): the conv3x3 taps weighted by s1 = softmax(beta) */
     float const3;                    /* s1 . b3 */
 } Shared;
 
-/* exp with Cephes' expf polynomial, written so that the compiler vectorises it (glibc's expf is a call). */
-static inline float exp_vec(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    /* x log2(e) rounded to the nearest integer: adding 1.5 * 2^23 rounds it (floorf does not vectorise) */
-    const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+/* exp with Cephes' expf polynomial on a vector (glibc's expf is a call, and GCC leaves a scalar version of
+   this unvectorised: the float-to-int step). */
+static inline vf exp_v(vf x) {
+    const vf lo = x - x - 87.0f, hi = x - x + 88.0f;
+    x = (vf)(((vfi)(x < lo) & (vfi)lo) | (~(vfi)(x < lo) & (vfi)x));
+    x = (vf)(((vfi)(x > hi) & (vfi)hi) | (~(vfi)(x > hi) & (vfi)x));
+    /* x log2(e) rounded to the nearest integer: adding 1.5 * 2^23 rounds it */
+    const vf fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-    const float z = x * x;
-    float y = 1.9875691500e-4f;
-    y = y * x + 1.3981999507e-3f;
+    const vf z = x * x;
+    vf y = x * 1.9875691500e-4f + 1.3981999507e-3f;
     y = y * x + 8.3334519073e-3f;
     y = y * x + 4.1665795894e-2f;
     y = y * x + 1.6666665459e-1f;
     y = y * x + 5.0000001201e-1f;
     y = y * z + x + 1.0f;
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)fx + 127) << 23;
-    return y * scale.f;
+    return y * (vf)((__builtin_convertvector(fx, vfi) + 127) << 23);
 }
 
-static inline float sigmoid(float v) { return 1.0f / (1.0f + exp_vec(-v)); }
+/* sigmoid on n floats in place: whole vectors, then the tail in a zero-padded vector. */
+static void sigmoid_inplace(float *p, long n) {
+    long i = 0;
+    for (; i + VL <= n; i += VL) {
+        vf v;
+        memcpy(&v, p + i, sizeof v);
+        v = 1.0f / (1.0f + exp_v(-v));
+        memcpy(p + i, &v, sizeof v);
+    }
+    if (i < n) {
+        float t[VL] = {0};
+        memcpy(t, p + i, (size_t)(n - i) * sizeof(float));
+        vf v;
+        memcpy(&v, t, sizeof v);
+        v = 1.0f / (1.0f + exp_v(-v));
+        memcpy(t, &v, sizeof v);
+        memcpy(p + i, t, (size_t)(n - i) * sizeof(float));
+    }
+}
 
 /* taps_e for one (output, input) channel pair: its 3x3 taps t mapped onto the nine edge sums, as _tap_edges
    does in ema.py. With zero padding, tap (i, j) sees the whole map minus the last row (i = 0) or the first
@@ -75,8 +94,7 @@ static void tap_edges(const float *t, float *e) {
 }
 
 static int shared_init(const Args *A, Shared *S) {
-    const long c = A->c, cp = (c + 15) / 16 * 16;
-    S->cv = cp / 16;
+    const long c = A->c, cp = ROUND16(c);
     float *mem = calloc((size_t)(c * cp + cp + c * 9 * cp + 9 * c + c), sizeof(float));
     if (!mem) return 1;
     S->w1t = mem;
@@ -92,8 +110,8 @@ static int shared_init(const Args *A, Shared *S) {
         for (long k = 0; k < c; k++) {
             float e[9];
             tap_edges(A->w3 + (o * c + k) * 9, e);
-            float *te = S->taps_et + ((o / 16) * c * 9 + k * 9) * 16 + o % 16;
-            for (int j = 0; j < 9; j++) te[j * 16] = e[j];
+            float *te = S->taps_et + ((o / VL) * c * 9 + k * 9) * VL + o % VL;
+            for (int j = 0; j < 9; j++) te[j * VL] = e[j];
         }
     float mx = -INFINITY, den = 0.f;
     for (long o = 0; o < c; o++) mx = A->beta[o] > mx ? A->beta[o] : mx;
@@ -112,7 +130,7 @@ static int shared_init(const Args *A, Shared *S) {
 
 /* Per-thread scratch. x and a - shift are kept with zero-padded rows of pitch W + 2, so that every 3x3 tap is
    an in-bounds read and taps that cross a row's end land in the padding; the buffers read or written in whole
-   vectors have 16 floats to spare at their end. */
+   vectors have 16 floats (at least a vector) to spare at their end. */
 typedef struct {
     long xs, zs;                     /* the strides: one channel of xpad (XS), one tap map of z (ZS) */
     float *xpad;                     /* channel ch's pixel (i, j) at [ch XS + 1 + (i + 1) Wp + j + 1] */
@@ -121,9 +139,9 @@ typedef struct {
     float *gates;                    /* (c, L): the h-gate then the w-gate */
     float *acc;                      /* (H, Wp): cross; pixel (i, j) at [i Wp + j + 1] */
     float *k, *s2;                   /* (c) each */
-    float *gwq, *shq;                /* (Wp rounded up to 16) each: step 3's rows */
-    int *rowmask, *colmask;          /* (Wp, W rounded up to 16): lanes inside a padded / a plain row */
-    float *colq;                     /* (W rounded up to 16): step 1's column sums */
+    float *gwq, *shq;                /* (Wp rounded up to VL) each: step 3's rows */
+    int *rowmask, *colmask;          /* (Wp, W rounded up to VL): lanes inside a padded / a plain row */
+    float *colq;                     /* (W rounded up to VL): step 1's column sums */
 } Scratch;
 
 /* Carves S out of base (NULL: only counts); returns its size in floats (an int takes a float's 4 bytes). */
@@ -154,9 +172,11 @@ static long scratch_floats(long c, long h, long w) {
 
 static void group_forward(const Args *A, const Shared *S, long g, float *scratch) {
     const long c = A->c, H = A->h, W = A->w, P = H * W, L = H + W, Wp = W + 2;
-    const long cv = S->cv;
-    const float *x = A->x + g * c * P;
-    float *out = A->out + g * c * P;
+    /* Channels_last: group g's pixel p is the c floats at x[p * ps] (likewise in out). */
+    const long cl = A->channels_last, ps = c * A->groups;
+    const long at = cl ? (g / A->groups) * P * ps + (g % A->groups) * c : g * c * P;
+    const float *x = A->x + at;
+    float *out = A->out + at;
     float *pooled = A->pooled + g * c * L;
     float *edges = A->edges + g * c * 9;
     float *gate = A->gate + g * P;
@@ -171,9 +191,19 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
        vectors along each row with the lanes past its end masked (the copy stores them as zeros into the padding
        and the next row, which overwrites them); a row whose vectors would read past the end of x is done a
        float at a time. Faster than a vectorised loop per row at every ResNet-50 stage, most on short rows. */
-    const long Wx = (W + 15) / 16 * 16;
+    const long Wx = ROUND_VL(W);
     const long x_size = A->n * c * P;
     for (long j = 0; j < Wx; j++) colmask[j] = j < W ? -1 : 0;
+    if (cl)  /* (P, c) rows of x, C apart, into xpad's c padded maps; prefetched: the stride defeats the
+                hardware's prefetcher */
+        for (long i = 0; i < H; i++)
+            for (long j = 0; j < W; j++) {
+                const float *px = x + (i * W + j) * ps;
+                __builtin_prefetch(px + 32 * ps);
+                __builtin_prefetch(px + 32 * ps + c - 1);
+                float *dst = xpad + 1 + (i + 1) * Wp + j + 1;
+                for (long ch = 0; ch < c; ch++) dst[ch * XS] = px[ch];
+            }
     for (long ch = 0; ch < c; ch++) {
         const float *xc = x + ch * P;
         float *xp = xpad + ch * XS + 1 + Wp + 1;
@@ -182,21 +212,22 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
         for (long i = 0; i < H; i++) {
             const float *xr = xc + i * W;
             float *xpr = xp + i * Wp;
-            if (xr - A->x + Wx <= x_size) {
-                v16 rv = {0};
-                for (long j0 = 0; j0 < Wx; j0 += 16) {
-                    const v16 xv = load_masked(xr + j0, colmask + j0);
-                    *(v16 *)(xpr + j0) = xv;
-                    *(v16 *)(colq + j0) += xv;
+            if (!cl && xr - A->x + Wx <= x_size) {
+                vf rv = {0};
+                for (long j0 = 0; j0 < Wx; j0 += VL) {
+                    const vf xv = load_masked(xr + j0, colmask + j0);
+                    *(vf *)(xpr + j0) = xv;
+                    *(vf *)(colq + j0) += xv;
                     rv += xv;
                 }
-                rows[i] = hsum16(rv);
-            } else {
+                rows[i] = hsum(rv);
+            } else {  /* channels_last (xpad holds the row), or a row whose vectors would pass x's end */
+                const float *src = cl ? xpr : xr;
                 float r = 0.f;
                 for (long j = 0; j < W; j++) {
-                    colq[j] += xr[j];
-                    xpr[j] = xr[j];
-                    r += xr[j];
+                    colq[j] += src[j];
+                    xpr[j] = src[j];
+                    r += src[j];
                 }
                 rows[i] = r;
             }
@@ -205,26 +236,26 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
         float total = 0.f;
         for (long i = 0; i < H; i++) total += rows[i];
         float *e = edges + ch * 9;
+        const float *xl = xp + (H - 1) * Wp;  /* the last row, in xpad */
         e[0] = total; e[1] = rows[0]; e[2] = rows[H - 1]; e[3] = cols[0]; e[4] = cols[W - 1];
-        e[5] = xc[0]; e[6] = xc[W - 1]; e[7] = xc[(H - 1) * W]; e[8] = xc[P - 1];
+        e[5] = xp[0]; e[6] = xp[W - 1]; e[7] = xl[0]; e[8] = xl[W - 1];
         const float rw = 1.0f / (float)W, rh = 1.0f / (float)H;  /* multiplies: divides are slow */
         for (long i = 0; i < H; i++) rows[i] *= rw;
         for (long j = 0; j < W; j++) cols[j] *= rh;
     }
 
     /* 2. gates = sigmoid(w1 @ pooled + b1). */
-    matmul_t16(S->w1t, cv, c, c, pooled, L, gates);
+    matmul_t(S->w1t, c, c, pooled, L, gates);
     for (long o = 0; o < c; o++)
         for (long t = 0; t < L; t++) gates[o * L + t] += S->b1p[o];
-#pragma omp simd
-    for (long t = 0; t < c * L; t++) gates[t] = sigmoid(gates[t]);
+    sigmoid_inplace(gates, c * L);
 
     /* 3. a - shift (the shift of _shift), into apad, and its sum and sum of squares. Whole vectors along each
        padded row, lanes past its end masked (stored as zeros, overwritten by the next row), summed in vector
        registers over the channel: a short row then costs one vector, not a vector, a scalar tail and a
        horizontal sum. */
     float *sums = A->sums + g * c, *squares = A->sums + A->n * c + g * c;
-    const long Wq = (Wp + 15) / 16 * 16;
+    const long Wq = ROUND_VL(Wp);
     for (long j = 0; j < Wq; j++) rowmask[j] = j < Wp ? -1 : 0;
     for (long ch = 0; ch < c; ch++) {
         const float *gh = gates + ch * L, *gw = gh + H, *rows = pooled + ch * L;
@@ -237,37 +268,37 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
             gwq[j] = inside ? gw[j - 1] : 0.f;
             shq[j] = inside ? shift : 0.f;
         }
-        v16 sv = {0}, qv = {0};
+        vf sv = {0}, qv = {0};
         for (long i = 0; i < H; i++) {
             const float ghi = gh[i];
             const long row = ch * XS + 1 + (i + 1) * Wp;
-            for (long j0 = 0; j0 < Wq; j0 += 16) {
-                const v16 xv = load_masked(xpad + row + j0, rowmask + j0);
-                const v16 av = xv * ghi * *(const v16 *)(gwq + j0) - *(const v16 *)(shq + j0);
-                *(v16 *)(apad + row + j0) = av;
+            for (long j0 = 0; j0 < Wq; j0 += VL) {
+                const vf xv = load_masked(xpad + row + j0, rowmask + j0);
+                const vf av = xv * ghi * *(const vf *)(gwq + j0) - *(const vf *)(shq + j0);
+                *(vf *)(apad + row + j0) = av;
                 sv += av;
                 qv += av * av;
             }
         }
-        sums[ch] = hsum16(sv);
-        squares[ch] = hsum16(qv);
+        sums[ch] = hsum(sv);
+        squares[ch] = hsum(qv);
     }
 
     /* 4. s2 = softmax(edges . taps_e / P + b3), then k and the constant (as _coefficients). */
     float mx = -INFINITY;
-    for (long ov = 0; ov < cv; ov++) {
-        v16 l[4] = {{0}, {0}, {0}, {0}};
-        const float *te = S->taps_et + ov * c * 9 * 16;
+    for (long o0 = 0; o0 < c; o0 += VL) {
+        vf l[4] = {{0}, {0}, {0}, {0}};
+        const float *te = S->taps_et + o0 * c * 9;
         long t = 0;
         for (; t + 4 <= c * 9; t += 4)
-            for (long r = 0; r < 4; r++) l[r] += edges[t + r] * *(const v16 *)(te + (t + r) * 16);
-        for (; t < c * 9; t++) l[0] += edges[t] * *(const v16 *)(te + t * 16);
-        const v16 lsum = (l[0] + l[1]) + (l[2] + l[3]);
-        float tmp[16];
+            for (long r = 0; r < 4; r++) l[r] += edges[t + r] * *(const vf *)(te + (t + r) * VL);
+        for (; t < c * 9; t++) l[0] += edges[t] * *(const vf *)(te + t * VL);
+        const vf lsum = (l[0] + l[1]) + (l[2] + l[3]);
+        float tmp[VL];
         memcpy(tmp, &lsum, sizeof tmp);
-        const long no = c - ov * 16 < 16 ? c - ov * 16 : 16;
+        const long no = c - o0 < VL ? c - o0 : VL;
         for (long j = 0; j < no; j++) {
-            const long o = ov * 16 + j;
+            const long o = o0 + j;
             s2[o] = tmp[j] / (float)P + A->b3[o];
             mx = s2[o] > mx ? s2[o] : mx;
         }
@@ -286,34 +317,43 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     }
 
     /* 5. cross = bias + k . a + the 3x3 correlation of x with taps_mix. First the nine tap maps over the padded
-       layout, z_t = sum_ch taps_mix[t][ch] x_ch (the centre tap's also takes k . a), 16 pixels at a time in
+       layout, z_t = sum_ch taps_mix[t][ch] x_ch (the centre tap's also takes k . a), VL pixels at a time in
        registers, one read of x and of a per channel; then cross[p] = bias + sum_t z_t shifted by tap t: about
-       one cycle per 16-wide FMA, where summing the taps per channel into cross, with nine unaligned reads of x
+       one cycle per vector FMA, where summing the taps per channel into cross, with nine unaligned reads of x
        each, was slower at every stage. */
     const float *tm = S->taps_mix;
-    for (long q0 = 0; q0 < XS; q0 += 16) {
-        v16 zt[9] = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};
+    for (long q0 = 0; q0 < XS; q0 += VL) {
+        vf zt[9] = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};
         for (long ch = 0; ch < c; ch++) {
-            const v16 xv = *(const v16 *)(xpad + ch * XS + q0), av = *(const v16 *)(apad + ch * XS + q0);
+            const vf xv = *(const vf *)(xpad + ch * XS + q0), av = *(const vf *)(apad + ch * XS + q0);
             for (int t = 0; t < 9; t++) zt[t] += tm[t * c + ch] * xv;
             zt[4] += k[ch] * av;
         }
-        for (int t = 0; t < 9; t++) *(v16 *)(z + t * ZS + q0) = zt[t];
+        for (int t = 0; t < 9; t++) *(vf *)(z + t * ZS + q0) = zt[t];
     }
     /* Tap (r, s) at output pixel p (acc's layout) reads padded position p + r Wp + s. */
     const long Q = H * Wp;
-    for (long p0 = 0; p0 < Q; p0 += 16) {
-        v16 sum = {0};
+    for (long p0 = 0; p0 < Q; p0 += VL) {
+        vf sum = {0};
         sum += bias;
         for (int r = 0; r < 3; r++)
-            for (int t = 0; t < 3; t++) sum += *(const v16 *)(z + (r * 3 + t) * ZS + p0 + r * Wp + t);
-        *(v16 *)(acc + p0) = sum;
+            for (int t = 0; t < 3; t++) sum += *(const vf *)(z + (r * 3 + t) * ZS + p0 + r * Wp + t);
+        *(vf *)(acc + p0) = sum;
     }
 
-    /* 6. gate = sigmoid(cross); out = x * gate. */
-    for (long i = 0; i < H; i++) {
-#pragma omp simd
-        for (long j = 0; j < W; j++) gate[i * W + j] = sigmoid(acc[i * Wp + j + 1]);
+    /* 6. gate = sigmoid(cross) (over acc's padded rows as one vector: the padding is finite); out = x * gate. */
+    sigmoid_inplace(acc, Q);
+    for (long i = 0; i < H; i++) memcpy(gate + i * W, acc + i * Wp + 1, (size_t)W * sizeof(float));
+    if (cl) {  /* x from xpad (in cache), out in (P, c) rows C apart */
+        for (long i = 0; i < H; i++)
+            for (long j = 0; j < W; j++) {
+                const float gp = gate[i * W + j], *src = xpad + 1 + (i + 1) * Wp + j + 1;
+                float *po = out + (i * W + j) * ps;
+                __builtin_prefetch(po + 32 * ps, 1);
+                __builtin_prefetch(po + 32 * ps + c - 1, 1);
+                for (long ch = 0; ch < c; ch++) po[ch] = src[ch * XS] * gp;
+            }
+        return;
     }
     for (long ch = 0; ch < c; ch++) {
         const float *xc = x + ch * P;

@@ -4,21 +4,37 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* 16 floats: one AVX-512 register (the compiler splits it where the CPU has narrower ones). */
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int v16i __attribute__((vector_size(64), aligned(4)));  /* lane masks for v16 */
+/* One vector register of floats: VL lanes, 16 with AVX-512, 8 with AVX, else 4 (SSE, NEON). Wider than the
+   registers, GCC lowers the vector arithmetic through memory, ten times slower (-DEMA_VL=n overrides, for
+   tests). Weight rows are padded to multiples of 16 floats, which every VL divides. */
+#ifndef EMA_VL
+#if defined(__AVX512F__)
+#define EMA_VL 16
+#elif defined(__AVX__)
+#define EMA_VL 8
+#else
+#define EMA_VL 4
+#endif
+#endif
+#define VL EMA_VL
+#define ROUND_VL(n) (((n) + VL - 1) / VL * VL)
+#define ROUND16(n) (((n) + 15) / 16 * 16)
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int vfi __attribute__((vector_size(VL * 4), aligned(4)));  /* lane masks for vf */
 
-/* The 16 floats at p, with the lanes whose mask is 0 (not -1) read as 0.0f: a row's last vector without
+/* The VL floats at p, with the lanes whose mask is 0 (not -1) read as 0.0f: a row's last vector without
    whatever lies past the row's end. */
-static inline v16 load_masked(const float *p, const int *mask) {
-    return (v16)(*(const v16i *)p & *(const v16i *)mask);
+static inline vf load_masked(const float *p, const int *mask) {
+    return (vf)(*(const vfi *)p & *(const vfi *)mask);
 }
 
-/* The sum of a vector's lanes as a tree (a loop over its 16 lanes is a chain of 15 dependent adds). */
-static inline float hsum16(v16 v) {
-    const float a0 = (v[0] + v[8]) + (v[4] + v[12]), a1 = (v[1] + v[9]) + (v[5] + v[13]);
-    const float a2 = (v[2] + v[10]) + (v[6] + v[14]), a3 = (v[3] + v[11]) + (v[7] + v[15]);
-    return (a0 + a2) + (a1 + a3);
+/* The sum of a vector's lanes as a tree (a loop over the lanes is a chain of dependent adds). */
+static inline float hsum(vf v) {
+    float t[VL];
+    memcpy(t, &v, sizeof t);
+    for (int width = VL / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) t[l] += t[l + width];
+    return t[0];
 }
 
 /* Hands out the next n floats of a thread's scratch (a NULL base only counts them). Each kernel carves its
@@ -29,28 +45,29 @@ static float *carve(float *base, long *used, long n) {
     return piece;
 }
 
-/* out (m, L) = wt^T in: out[o][t] = sum_k wt[k][o] in[k][t], k < kn, with wt's rows zero-padded to cv * 16
-   floats (m <= cv * 16). 16 outputs by 8 positions at a time, in registers: a single chain of FMAs along a
-   short row is latency bound (the forward's gates and the backward's dpooled at 7x7), and eight chains hide
-   that latency better than four. */
-static void matmul_t16(const float *wt, long cv, long m, long kn, const float *in, long L, float *out) {
-    for (long ov = 0; ov < cv; ov++) {
-        const long no = m - ov * 16 < 16 ? m - ov * 16 : 16;
+/* out (m, L) = wt^T in: out[o][t] = sum_k wt[k][o] in[k][t], k < kn, with wt's rows zero-padded to
+   ROUND16(m) floats. VL outputs by 8 positions at a time, in registers: a single chain of FMAs along a short
+   row is latency bound (the forward's gates and the backward's dpooled at 7x7), and eight chains hide that
+   latency better than four. */
+static void matmul_t(const float *wt, long m, long kn, const float *in, long L, float *out) {
+    const long stride = ROUND16(m);
+    for (long o0 = 0; o0 < m; o0 += VL) {
+        const long no = m - o0 < VL ? m - o0 : VL;
         for (long t0 = 0; t0 < L; t0 += 8) {
             const long nt = L - t0 < 8 ? L - t0 : 8;
-            v16 s[8] = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};
+            vf s[8] = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};
             for (long k = 0; k < kn; k++) {
-                const v16 wk = *(const v16 *)(wt + (k * cv + ov) * 16);
+                const vf wk = *(const vf *)(wt + k * stride + o0);
                 const float *ik = in + k * L + t0;
                 if (nt == 8)  /* a constant trip count: the sums stay in registers */
                     for (long r = 0; r < 8; r++) s[r] += ik[r] * wk;
                 else
                     for (long r = 0; r < nt; r++) s[r] += ik[r] * wk;
             }
-            float tmp[8][16];
+            float tmp[8][VL];
             memcpy(tmp, s, sizeof tmp);
             for (long r = 0; r < nt; r++)
-                for (long l = 0; l < no; l++) out[(ov * 16 + l) * L + t0 + r] = tmp[r][l];
+                for (long l = 0; l < no; l++) out[(o0 + l) * L + t0 + r] = tmp[r][l];
         }
     }
 }

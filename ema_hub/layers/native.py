@@ -48,7 +48,7 @@ class _Args(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         'x', 'out', 'gate', 'pooled', 'edges', 'sums', 'w1', 'b1', 'gamma', 'beta', 'w3', 'b3')] + [
         ('eps', ctypes.c_float), ('n', ctypes.c_long), ('c', ctypes.c_long), ('h', ctypes.c_long),
-        ('w', ctypes.c_long), ('threads', ctypes.c_int)]
+        ('w', ctypes.c_long), ('threads', ctypes.c_int), ('channels_last', ctypes.c_int), ('groups', ctypes.c_long)]
 
 
 class _BackArgs(ctypes.Structure):
@@ -71,19 +71,24 @@ def supports(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
             and all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in params) and available())
 
 
-def forward(gx: torch.Tensor, p: Params, eps: float, out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """EMA's forward on grouped input ``gx`` (n, c, H, W), contiguous, into ``out`` (contiguous, as many elements).
+def forward(x: torch.Tensor, groups: int, p: Params, eps: float, out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """EMA's forward on ``x`` (B, C, H, W), contiguous or channels_last, into ``out`` (the same shape and layout).
 
     Returns the gate sigmoid(cross) (n, H, W), the pooled means (n, c, H + W), the edge sums (n, c, 9), and the
-    sum and sum of squares of a - shift (2, n, c): ``algebra.Stats``, as ``eager.forward`` returns them.
+    sum and sum of squares of a - shift (2, n, c), n = B * groups and c = C / groups: ``algebra.Stats``, as
+    ``eager.forward`` returns them.
     """
-    n, c, h, w = gx.shape
-    assert gx.is_contiguous() and out.is_contiguous() and out.numel() == gx.numel()
-    gate, pooled = gx.new_empty(n, h, w), gx.new_empty(n, c, h + w)
-    edges, sums = gx.new_empty(n, c, 9), gx.new_empty(2, n, c)
+    b, ch, h, w = x.shape
+    n, c = b * groups, ch // groups
+    channels_last = not x.is_contiguous()
+    assert out.shape == x.shape and all(
+        t.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for t in (x, out))
+    gate, pooled = x.new_empty(n, h, w), x.new_empty(n, c, h + w)
+    edges, sums = x.new_empty(n, c, 9), x.new_empty(2, n, c)
     params = [t.contiguous() for t in p]  # kept alive until the kernel returns
-    args = _Args(*(t.data_ptr() for t in (gx, out, gate, pooled, edges, sums, *params)), eps, n, c, h, w,
-                 torch.get_num_threads())
+    args = _Args(*(t.data_ptr() for t in (x, out, gate, pooled, edges, sums, *params)), eps, n, c, h, w,
+                 torch.get_num_threads(), channels_last, groups)
     if _library().ema_forward(ctypes.byref(args)):
         raise MemoryError('EMA: the native forward could not allocate its scratch memory')
     return gate, pooled, edges, sums

@@ -43,10 +43,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _HALF else x.dtype
 
 
-def _new_output(x: Tensor) -> Tensor:
-    """The output's buffer: x's layout on CUDA (the kernels read and write channels_last in place), contiguous
-    elsewhere (the CPU kernels work on the grouped contiguous layout)."""
-    return torch.empty_like(x) if x.device.type == 'cuda' else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _new_output(x: Tensor, keep_layout: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The output's buffer: x's layout where kept (the inference operator, and everything on CUDA, where the
+    kernels read and write channels_last in place), else contiguous (the training operator on the CPU, whose
+    backward works on the grouped contiguous layout)."""
+    if keep_layout or x.device.type == 'cuda':
+        return torch.empty_like(x, dtype=dtype)
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+
+
+def _kernel_layout(out: Tensor) -> Optional[torch.memory_format]:
+    """The layout the CPU kernel reads x in and writes ``out`` in, in place: contiguous or channels_last; None
+    for any other."""
+    if out.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) else None
 
 
 def triton_kernels(x: Tensor) -> bool:
@@ -54,24 +65,34 @@ def triton_kernels(x: Tensor) -> bool:
     return ema_triton is not None and x.device.type == 'cuda' and x.dtype in (torch.float32,) + _HALF
 
 
-def _forward(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor,
-             tap_edges: Tensor, groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """EMA's forward: the output (x's dtype) and the gate (n, H, W), pooled means (n, c, H + W), edge sums
-    (n, c, 9) and the sums of a - shift and of its square (2, n, c) that the backward needs. The compiled CPU
-    kernel for float32, else PyTorch ops."""
+def _run(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor, tap_edges: Tensor,
+         groups: int, eps: float, keep_layout: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EMA's forward: the output (x's dtype; x's layout with ``keep_layout``, else contiguous) and the gate
+    (n, H, W), pooled means (n, c, H + W), edge sums (n, c, 9) and the sums of a - shift and of its square
+    (2, n, c) that the backward needs. The compiled CPU kernel for float32 (contiguous or channels_last, in
+    place), else PyTorch ops on the grouped contiguous layout."""
     dtype = _compute_dtype(x)
     p = Params(*(t.detach().to(dtype) for t in (w1, b1, gamma, beta, w3, b3)))
-    gx = grouped(x, groups).to(dtype).contiguous()
-    # x's shape, not a view of the grouped buffer: an operator's output that is a view cannot be modified in
-    # place by autograd's rules (a residual `+=` after the layer)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    n, c, h, w = gx.shape
-    if native.supports(gx, list(p)):
-        gate, pooled, edges, sums = native.forward(gx, p, eps, out.view(gx.shape))
+    # Not a view of a grouped buffer: an operator's output that is a view cannot be modified in place by
+    # autograd's rules (a residual `+=` after the layer)
+    out = _new_output(x, keep_layout, dtype)
+    layout = _kernel_layout(out)
+    if native.supports(x, list(p)) and layout is not None:
+        gate, pooled, edges, sums = native.forward(x.contiguous(memory_format=layout), groups, p, eps, out)
     else:
+        gx = grouped(x, groups).to(dtype).contiguous()
+        buf = out if out.is_contiguous() else torch.empty(x.shape, dtype=dtype, device=x.device)
+        h, w = gx.shape[2:]
         gate, pooled, edges, sums = eager.forward(
-            gx, p, out.view(gx.shape), lambda e, s: coefficients(e, s[0], s[1], p, tap_edges.to(dtype), eps, h * w))
+            gx, p, buf.view(gx.shape), lambda e, s: coefficients(e, s[0], s[1], p, tap_edges.to(dtype), eps, h * w))
+        if buf is not out:
+            out.copy_(buf)
     return out.to(x.dtype), gate, pooled, edges, sums
+
+
+def _forward(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor,
+             tap_edges: Tensor, groups: int, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _run(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps, keep_layout=False)
 
 
 ema_forward = torch.library.custom_op('ema_hub::ema_forward', _forward, mutates_args=())
@@ -88,8 +109,9 @@ def _forward_cuda(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor
 @torch.library.custom_op('ema_hub::ema', mutates_args=())
 def ema(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor, tap_edges: Tensor,
         groups: int, eps: float) -> Tensor:
-    """EMA for inference: ``ema_forward``'s output alone."""
-    return _forward(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)[0]
+    """EMA for inference: ``ema_forward``'s output alone, in x's layout (torch.compile hands channels_last
+    maps between convolutions)."""
+    return _run(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps, keep_layout=True)[0]
 
 
 @ema.register_kernel('cuda')
@@ -97,12 +119,12 @@ def _ema_cuda(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3
               tap_edges: Tensor, groups: int, eps: float) -> Tensor:
     if triton_kernels(x):  # without the gate, which only a backward reads
         return forward_triton(x, Params(w1, b1, gamma, beta, w3, b3), tap_edges, groups, eps, for_backward=False)[0]
-    return _forward(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)[0]
+    return _run(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps, keep_layout=True)[0]
 
 
 @ema.register_fake
 def _ema_fake(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps):
-    return _new_output(x)
+    return _new_output(x, keep_layout=True)
 
 
 def forward_triton(x: Tensor, params: Params, tap_edges: Tensor, groups: int, eps: float,
@@ -129,7 +151,7 @@ def _forward_fake(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps):
     n, c = b * groups, ch // groups
     dtype = _compute_dtype(x)
     new = x.new_empty
-    return (_new_output(x), new((n, h, w), dtype=dtype), new((n, c, h + w), dtype=dtype), new((n, c, 9), dtype=dtype),
+    return (_new_output(x, keep_layout=False), new((n, h, w), dtype=dtype), new((n, c, h + w), dtype=dtype), new((n, c, 9), dtype=dtype),
             new((2, n, c), dtype=dtype))
 
 
