@@ -6,7 +6,7 @@ the base's: every EMA layer starts as x -> x/2 (gn and conv3x3 zero: both softma
 sigmoid(0)) and the factor 2 is folded into the layer that feeds it. conv1x1 keeps its random init; it
 receives gradient as soon as gn.weight leaves zero.
 """
-from typing import Collection, Dict, Iterator, Set, Tuple
+from typing import Collection, Dict, Iterator, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -18,8 +18,8 @@ from .layers import EMA
 from .registry import FAMILIES, VARIANTS, Variant
 from .specs import CHECKPOINT_SOURCES
 
-__all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'as_variant_state', 'warm_start_state_dict', 'check_state_dict',
-           'loads_weights']
+__all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'as_variant_state', 'half_state', 'warm_start_state_dict',
+           'check_state_dict', 'loads_weights']
 
 # cfg fields that say where the base's weights live, replaced by the warm tag's own.
 _SOURCE_FIELDS = ('url', 'file', 'state_dict', 'source', 'architecture', 'tag', 'hf_hub_filename')
@@ -61,19 +61,26 @@ def _family(model: nn.Module) -> str:
     return VARIANTS[arch].family
 
 
-def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Map a base checkpoint into ``model`` (an EMA variant) so that the variant computes the base's function."""
+def half_state(ema: EMA) -> Dict[str, torch.Tensor]:
+    """A state for ``ema`` in which it computes x/2: gn and conv3x3 zero (both softmaxes uniform, every gate
+    sigmoid(0)); conv1x1 keeps its random init, and gets gradient as soon as gn.weight moves."""
+    return {key: value.detach().clone() if key.startswith('conv1x1.') else torch.zeros_like(value)
+            for key, value in ema.state_dict().items()}
+
+
+def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module,
+                          family: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Map a base checkpoint into ``model`` (an EMA variant, or a model ``add_ema`` grafted in ``family``'s
+    placement) so that it computes the base's function."""
     state = dict(base_state)
-    fold_into = FAMILIES[_family(model)].fold_into
+    fold_into = FAMILIES[family or _family(model)].fold_into
     for name, ema in _ema_layers(model):
         block = name.rsplit('.', 1)[0]
         target = next(f'{block}.{layer}' for layer in fold_into if f'{block}.{layer}.weight' in state)
         for suffix in ('weight', 'bias'):
             if f'{target}.{suffix}' in state:
                 state[f'{target}.{suffix}'] = state[f'{target}.{suffix}'] * 2
-        for key, value in ema.state_dict().items():
-            keep = key.startswith('conv1x1.')  # random init: it gets gradient once gn.weight moves
-            state[f'{name}.{key}'] = value.detach().clone() if keep else torch.zeros_like(value)
+        state.update((f'{name}.{key}', value) for key, value in half_state(ema).items())
     return state
 
 

@@ -1,0 +1,139 @@
+"""``add_ema``: graft EMA into a model that is already built (usually pretrained) without changing its function.
+
+Every grafted layer starts as x -> x/2 (``pretrained.half_state``: gn and conv3x3 zero, so both softmaxes are
+uniform and every gate is sigmoid(0)), and the factor 2 is compensated exactly:
+
+* ``after=None``, a timm model of a supported family: EMA goes where the family's variant has it (the registry's
+  ``FAMILIES``) and the 2 folds into the linear layer next to it, as the warm start does, so the result is the
+  named variant's warm start (``pretrained.warm_start_state_dict`` of the model's own weights).
+* ``after=[names]``, any module: EMA runs on each named submodule's output through a forward hook that returns
+  2 * EMA(output). The layer after it may be anything (a ReLU, a concatenation), so the 2 stays in the hook,
+  exactly and for good: the grafted layer computes 2 * EMA, whose gates range over (0, 2). The submodule keeps
+  its object, its attributes (ultralytics reads ``.f`` and ``.i``) and its state dict keys; EMA's are added
+  under ``<name>.ema`` (for an nn.Sequential, which runs every child it holds, under its last layer's name),
+  so a grafted model's state dict loads into a freshly grafted copy.
+"""
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .layers import EMA
+from .pretrained import half_state, warm_start_state_dict
+from .registry import EMA_FACTOR, FAMILIES
+
+__all__ = ['add_ema', 'grafted_layers']
+
+_HOOK_SCALE = 2.0  # compensates EMA's x/2 start after a submodule whose successor is unknown
+
+
+def add_ema(model: nn.Module, after: Optional[Sequence[str]] = None, factor: int = EMA_FACTOR,
+            input_size: Optional[Tuple[int, int, int]] = None) -> nn.Module:
+    """Graft EMA into ``model`` in place, keeping its function exactly; returns ``model``.
+
+    ``after=None``: ``model`` is a timm model of a supported family (ResNet and its D, wide and ResNeXt forms):
+    EMA in every block at the family's placement. ``after=['backbone.6', ...]``: any module, EMA after each
+    named submodule; its channel count comes from one dry run on zeros of ``input_size`` (C, H, W; default the
+    model's ``pretrained_cfg`` input size, else 3 x 64 x 64), in eval mode, with no gradient.
+    """
+    if after is None:
+        blocks = list(_family_blocks(model))
+        if not blocks:
+            raise UsageError(f'{type(model).__name__} has no block add_ema knows (ResNet blocks); name the layers '
+                             f'to add EMA after with after=[...]')
+        base = model.state_dict()
+        for block, channels in blocks:
+            if getattr(block, 'se', None) is not None:
+                raise UsageError(f'{type(block).__name__} already has an attention layer (se); name the layers to '
+                                 f'add EMA after with after=[...]')
+            block.se = _new_ema(channels, factor, block)  # timm's attention slot, as the variants have it
+        model.load_state_dict(warm_start_state_dict(base, model, 'resnet'))
+        return model
+    names = [after] if isinstance(after, str) else list(after)
+    modules = [_submodule(model, name) for name in names]
+    for name, module, channels in zip(names, modules, _output_channels(model, names, modules, input_size)):
+        host = _host(module)
+        if hasattr(host, 'ema'):
+            raise UsageError(f'{name} already has an attribute named ema; EMA is already grafted there')
+        host.ema = _new_ema(channels, factor, module)
+        host.register_forward_hook(_ema_after)
+    return model
+
+
+def grafted_layers(model: nn.Module) -> List[str]:
+    """Names of the submodules whose output goes through a grafted EMA (``after=``), as they hold it."""
+    return [name for name, m in model.named_modules() if isinstance(getattr(m, 'ema', None), EMA)
+            and _ema_after in m._forward_hooks.values()]
+
+
+def _host(module: nn.Module) -> nn.Module:
+    """The module that holds the grafted EMA and its hook: ``module``, or for an nn.Sequential (which would run
+    any child it is given) its last layer, whose output is the Sequential's."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[-1]
+    return module
+
+
+def _ema_after(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return module.ema(output) * _HOOK_SCALE
+
+
+def _new_ema(channels: int, factor: int, near: nn.Module) -> EMA:
+    """An EMA that computes x/2, on the device and in the dtype of the module it joins."""
+    ref = next(near.parameters(), None)
+    ema = EMA(channels, factor, device=ref.device if ref is not None else None,
+              dtype=ref.dtype if ref is not None else None)
+    ema.load_state_dict(half_state(ema))
+    return ema
+
+
+def _family_blocks(model: nn.Module) -> Iterable[Tuple[nn.Module, int]]:
+    """(block, the channels EMA gets there) for every block of a known family."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    fold_into = FAMILIES['resnet'].fold_into  # bn3 in bottlenecks, bn2 in basic blocks: EMA's input
+    for module in model.modules():
+        if isinstance(module, (Bottleneck, BasicBlock)):
+            yield module, next(getattr(module, name) for name in fold_into if hasattr(module, name)).num_features
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        children = ', '.join(n for n, _ in model.named_children()) or 'none'
+        raise UsageError(f'{name!r} is not a submodule of {type(model).__name__}; name one of its modules '
+                         f'(top level: {children})') from None
+
+
+def _output_channels(model: nn.Module, names: List[str], modules: List[nn.Module],
+                     input_size: Optional[Tuple[int, int, int]]) -> List[int]:
+    """Each named submodule's output channels, from one dry run of the model."""
+    size = tuple(input_size or (getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3, 64, 64))
+    outputs = {}
+    handles = [m.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, out)) for i, m in enumerate(modules)]
+    ref = next(model.parameters(), None)
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *size), device=ref.device if ref is not None else None,
+                              dtype=ref.dtype if ref is not None else None))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    channels = []
+    for i, name in enumerate(names):
+        out = outputs.get(i)
+        if out is None:
+            raise UsageError(f'{name} did not run in a forward pass of the model; name a layer the forward uses')
+        if not torch.is_tensor(out) or out.dim() != 4:
+            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise UsageError(f'{name} outputs {shape}, not a 4-D feature map (N, C, H, W); EMA goes after a '
+                             f'convolutional layer or block')
+        if out.shape[1] == 0:
+            raise UsageError(f'{name} outputs 0 channels; EMA needs at least one')
+        channels.append(out.shape[1])
+    return channels
