@@ -45,6 +45,9 @@ def finetune(
                  'milder suits small data sets and low resolutions).')] = 0.5,
         pretrained: Annotated[bool, typer.Option(
             '--pretrained/--no-pretrained', help='Start from the pretrained weights (else random init).')] = True,
+        add_ema: Annotated[bool, typer.Option(
+            '--add-ema', help='MODEL is any timm model (name or name.tag): graft EMA into it at its family\'s '
+                              'placement, keeping its pretrained function (ema_hub.add_ema).')] = False,
         resume: Annotated[bool, typer.Option(
             '--resume', help='Continue an interrupted run in --output from its last completed epoch.')] = False,
         workers: WorkersOpt = None,
@@ -62,7 +65,8 @@ def finetune(
 
         cfg = FinetuneConfig(model=model, data=data, output=output, epochs=epochs, img_size=img_size,
                              batch_size=batch_size, lr=lr, opt=opt, weight_decay=weight_decay, hflip=hflip,
-                             scale_min=scale_min, pretrained=pretrained, seed=seed, workers=workers,
+                             scale_min=scale_min, pretrained=pretrained, add_ema=add_ema, seed=seed,
+                             workers=workers,
                              device=device_or_none(device))
         metrics = run(cfg, resume=resume)
         if launch_rank() == 0:  # under torchrun, one line from rank 0

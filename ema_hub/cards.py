@@ -439,6 +439,41 @@ def _citation_section(v: Variant) -> List[str]:
     ]
 
 
+def render_grafted_card(base: str, *, repo_id: Optional[str] = None,
+                        metrics: Optional[Mapping[str, object]] = None) -> str:
+    """The card of a model ``add_ema`` grafted (the ``ema_grafted`` architecture): its timm base, where EMA is,
+    the accuracy measured when it was fine-tuned (``metrics`` as ``render_card`` takes them), how to load it."""
+    name, _, tag = base.partition('.')
+    base_hub_id = f'timm/{base}' if tag else None
+    ref = f'hf-hub:{repo_id}' if repo_id else 'local-dir:<this folder>'
+    title = repo_id.split('/')[-1] if repo_id else f'{name} with EMA'
+    lines = [
+        f'# {title}', '',
+        f'timm\'s `{base}` with EMA, the Efficient Multi-Scale Attention module of Ouyang et al. (ICASSP 2023, '
+        f'[arXiv 2305.13563]({PAPER_URL})), grafted in by `ema_hub.add_ema` at the placement of its family\'s '
+        f'ema-hub variants: the grafted layers started as x/2 with the factor 2 folded into the layer before them, '
+        f'so the model started with the base\'s function.', '',
+    ]
+    if metrics:
+        top5 = f', top-5 {float(metrics["top5"]):.2f} %' if metrics.get('top5') is not None else ''
+        lines += ['## Accuracy', '', f'Fine-tuned on {metrics["dataset"]} ({metrics["num_classes"]} classes): '
+                  f'{metrics.get("split", "val")} top-1 {float(metrics["top1"]):.2f} %{top5}, measured by ema-hub.', '']
+    lines += ['## Usage', '', '```python', 'import ema_hub, timm  # ema_hub registers the ema_grafted architecture',
+              f'model = timm.create_model("{ref}").eval()', '```', '',
+              '## Citation', '', '```bibtex', _CITATION, '```', '']
+    eval_results = None
+    if metrics and _hub_dataset(str(metrics['dataset'])):
+        dataset = str(metrics['dataset'])
+        eval_results = [EvalResult(task_type='image-classification', dataset_type=dataset, dataset_name=dataset,
+                                   metric_type='accuracy', metric_name='Top-1 accuracy',
+                                   metric_value=float(metrics['top1']))]
+    base_cfg = timm.models.get_pretrained_cfg(base) if tag else None
+    data = ModelCardData(license=getattr(base_cfg, 'license', None) or DEFAULT_LICENSE, library_name='timm',
+                         pipeline_tag='image-classification', tags=list(CARD_TAGS), base_model=base_hub_id, model_name=title if eval_results else None,
+                         eval_results=eval_results)
+    return str(ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines)))
+
+
 def card_summary(text: str) -> str:
     """The first paragraph of a model card's body (front matter, comments and headings skipped)."""
     if text.startswith('---'):

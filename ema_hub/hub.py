@@ -24,8 +24,9 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 from torch import nn
 
-from .cards import card_summary, render_card
+from .cards import card_summary, render_card, render_grafted_card
 from .errors import CorruptWeightsError, UnknownModelError, WeightsUnavailableError
+from .models.grafted import ARCHITECTURE as GRAFTED
 from .pretrained import as_variant_state, check_state_dict
 from .registry import VARIANTS, get_variant
 from .specs import HF_HUB, PathLike, parse_spec
@@ -124,17 +125,23 @@ def create_model(
         *,
         pretrained: bool = True,
         weights: Optional[PathLike] = None,
+        add_ema: bool = False,
         **kwargs,
 ) -> nn.Module:
     """``timm.create_model`` for a model spec, with pretrained weights by default and errors callers can act on.
 
     Args:
-        model: a variant, ``variant.tag``, ``hf-hub:<repo_id>`` or ``local-dir:<folder>``.
+        model: a variant, ``variant.tag``, ``hf-hub:<repo_id>`` or ``local-dir:<folder>``; with ``add_ema``,
+            any timm model (``name`` or ``name.tag``) of a family ``ema_hub.add_ema`` knows.
         pretrained: load the spec's pretrained weights.
         weights: a local safetensors file to load instead (EMA or base-architecture weights); unless
             num_classes is given, the model gets the file's classifier size.
+        add_ema: graft EMA into the timm model (``ema_hub.add_ema``, its function kept): the architecture
+            ``ema_grafted``, which a saved folder names so that it loads back.
         **kwargs: timm.create_model arguments (num_classes, in_chans, features_only, ...).
     """
+    if add_ema:
+        return _create_grafted(model, pretrained, **kwargs)
     spec = parse_spec(resolve_model(model))
     if spec.folder is not None and not spec.folder.is_dir():
         raise WeightsUnavailableError(f'{model}: no such folder; give a folder holding config.json and '
@@ -148,6 +155,18 @@ def create_model(
         return net
     with _hub_errors(model):
         return timm.create_model(model, pretrained=pretrained, **kwargs)
+
+
+def _create_grafted(model: str, pretrained: bool, **kwargs) -> nn.Module:
+    spec = parse_spec(model)
+    if spec.is_checkpoint or not timm.is_model(spec.name):
+        raise UnknownModelError(f'{model} is not a timm model name; --add-ema grafts EMA into a timm model '
+                                f'(name or name.tag, e.g. resnet50d.ra4_e3600_r224_in1k)')
+    if spec.tag and model not in timm.list_pretrained(f'{spec.name}.*'):
+        raise UnknownModelError(f'unknown tag {spec.tag!r} for {spec.name}; see timm.list_pretrained('
+                                f'"{spec.name}.*")')
+    with _hub_errors(model):
+        return timm.create_model('ema_grafted', base=model, pretrained=pretrained, **kwargs)
 
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
@@ -256,7 +275,10 @@ def save_pretrained(
         model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
     _without_duplicate_num_classes(folder / 'config.json')
     variant = model.pretrained_cfg['architecture']
-    if metrics:
+    if variant == GRAFTED:
+        card = render_grafted_card(model._model_args['base'], repo_id=repo_id, metrics=metrics and dict(
+            metrics, num_classes=model.num_classes))
+    elif metrics:
         card = render_card(variant, repo_id=repo_id, weights='trained', metrics=dict(
             metrics, num_classes=model.num_classes))
     else:

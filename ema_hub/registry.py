@@ -95,6 +95,12 @@ _TABLE: Tuple[Variant, ...] = (
             60.71, 60.19, 14.47, 11.51),
     _resnet('resnext50_32x4d_ema', 'resnext50_32x4d', (3, 4, 6, 3), 'bottleneck', 'a1h_in1k', 81.140, 95.320,
             25.23, 25.03, 5.18, 4.23, cardinality=32, base_width=4),
+    _resnet('resnet50d_ema', 'resnet50d', (3, 4, 6, 3), 'bottleneck', 'ra4_e3600_r224_in1k', 80.956, 95.380,
+            25.77, 25.58, 5.28, 4.33, stem_width=32, stem_type='deep', avg_down=True),
+    _resnet('resnet101d_ema', 'resnet101d', (3, 4, 23, 3), 'bottleneck', 'ra2_in1k', 82.254, 96.070,
+            44.94, 44.57, 10.00, 8.04, stem_width=32, stem_type='deep', avg_down=True),
+    _resnet('wide_resnet50_2_ema', 'wide_resnet50_2', (3, 4, 6, 3), 'bottleneck', 'racm_in1k', 81.466, 95.544,
+            69.08, 68.88, 12.35, 11.40, base_width=128),
     _mobilenetv2('mobilenetv2_100_ema', 'mobilenetv2_100', 1.0, 'ra_in1k', 72.910, 91.000, 3.55, 3.50, 0.48, 0.30),
     _mobilenetv2('mobilenetv2_140_ema', 'mobilenetv2_140', 1.4, 'ra_in1k', 76.528, 93.008, 6.22, 6.11, 0.97, 0.58),
 )

@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
+from ema_hub import EMA, hub
 from support.cli import CLI, ROOT, run, run_module as run_cli
 from support.digits import independent_eval
+from support.models import random_base
 
 pytest.importorskip('sklearn')
 
@@ -56,7 +59,6 @@ def test_output_folder_is_hub_layout_with_labels_and_data_config(trained):
     card = (out / 'README.md').read_text()
     assert f'{metrics["top1"]:.2f} %' in card
 
-    import ema_hub.hub as hub
     model = hub.create_model(f'local-dir:{out}')
     assert hub.class_labels(model) == [str(d) for d in range(10)]
 
@@ -173,3 +175,33 @@ def test_unreadable_images_are_skipped_and_counted(small_digits, tmp_path):
     assert sorted(Path(p).name for p in metrics['skipped_files']) == ['broken.png', 'truncated.png']
     assert metrics['val_images'] == 60 and metrics['train_images'] == 241
     assert json.loads((tmp_path / 'out' / 'metrics.json').read_text())['images_skipped'] == 2
+
+
+def test_add_ema_grafts_any_timm_model_end_to_end(small_digits, fake_hub, hub_env, tmp_path):
+    """``ema-hub finetune resnet18.a1_in1k DATA --add-ema``: timm's own checkpoint (a random one, served by the
+    loopback Hub), EMA grafted into it, fine-tuned; the folder loads with local-dir:, classifies and publishes."""
+    base = random_base('resnet18')
+    fake_hub.add_file('timm/resnet18.a1_in1k', 'model.safetensors', safetensors.torch.save(base.state_dict()))
+    out = tmp_path / 'grafted'
+    proc = run('ema-hub', 'finetune', 'resnet18.a1_in1k', str(small_digits), '--add-ema', '--epochs', '2',
+               '--img-size', '32', '--hflip', '0', '--output', str(out), env=hub_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'ema_grafted' and config['model_args']['base'] == 'resnet18.a1_in1k'
+    model = hub.create_model(f'local-dir:{out}')
+    layers = [m for m in model.modules() if isinstance(m, EMA)]
+    assert len(layers) == 8 and all(m.gn.weight.abs().sum() > 0 for m in layers)  # trained from their x/2 start
+    assert hub.class_labels(model) == [str(d) for d in range(10)]
+    image = sorted((small_digits / 'val' / '3').glob('*.png'))[0]
+    proc = run('ema-classify', '--model', f'local-dir:{out}', str(image), '--format', 'json', env=hub_env)
+    assert proc.returncode == 0, proc.stderr
+    proc = run('ema-hub', 'publish', f'local-dir:{out}', 'me/grafted', '--dry-run', str(tmp_path / 'pub'),
+               env=hub_env)
+    assert proc.returncode == 0, proc.stderr
+    card = (tmp_path / 'pub' / 'README.md').read_text()
+    assert 'resnet18.a1_in1k' in card and 'add_ema' in card
+
+
+def test_add_ema_needs_a_timm_model(small_digits, tmp_path):
+    proc = run('ema-hub', 'finetune', 'no_such_net', str(small_digits), '--add-ema', '--output', str(tmp_path / 'o'))
+    assert proc.returncode == 2 and 'not a timm model name' in proc.stderr

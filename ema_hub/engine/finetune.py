@@ -69,13 +69,14 @@ class FinetuneConfig:
     color_jitter: float = 0.4
     crop_pct: Optional[float] = None    # eval crop; None: the model's
     pretrained: bool = True
+    add_ema: bool = False               # model is any timm model; EMA grafted at its family's placement
     seed: int = 42
     workers: Optional[int] = None
     device: Optional[str] = None
 
     # Settings that define the run: a resumed run takes them from its checkpoint.
     RUN_KEYS = ('model', 'epochs', 'img_size', 'batch_size', 'lr', 'opt', 'weight_decay', 'warmup_epochs',
-                'smoothing', 'hflip', 'scale_min', 'color_jitter', 'crop_pct', 'pretrained', 'seed')
+                'smoothing', 'hflip', 'scale_min', 'color_jitter', 'crop_pct', 'pretrained', 'add_ema', 'seed')
 
     def run_settings(self) -> Dict[str, object]:
         return {k: getattr(self, k) for k in self.RUN_KEYS}
@@ -196,7 +197,8 @@ def _create_model(cfg: FinetuneConfig, num_classes: int, state: Optional[Dict[st
     if not dist_utils.is_main():
         dist_utils.barrier()
     try:
-        model = create_model(cfg.model, pretrained=cfg.pretrained and state is None, num_classes=num_classes)
+        model = create_model(cfg.model, pretrained=cfg.pretrained and state is None, num_classes=num_classes,
+                             add_ema=cfg.add_ema)
     finally:
         if dist_utils.is_main():
             dist_utils.barrier()

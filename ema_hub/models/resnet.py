@@ -58,3 +58,21 @@ def resnet152_ema(pretrained: bool = False, **kwargs) -> ResNet:
 def resnext50_32x4d_ema(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNeXt-50 32x4d with EMA in every bottleneck."""
     return _create_resnet_ema('resnext50_32x4d_ema', pretrained, **kwargs)
+
+
+@register_model
+def resnet50d_ema(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-50-D (deep stem, average-pool downsampling) with EMA in every bottleneck."""
+    return _create_resnet_ema('resnet50d_ema', pretrained, **kwargs)
+
+
+@register_model
+def resnet101d_ema(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet-101-D (deep stem, average-pool downsampling) with EMA in every bottleneck."""
+    return _create_resnet_ema('resnet101d_ema', pretrained, **kwargs)
+
+
+@register_model
+def wide_resnet50_2_ema(pretrained: bool = False, **kwargs) -> ResNet:
+    """Wide ResNet-50-2 (bottlenecks twice as wide) with EMA in every bottleneck."""
+    return _create_resnet_ema('wide_resnet50_2_ema', pretrained, **kwargs)
