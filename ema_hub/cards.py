@@ -51,7 +51,7 @@ _CITATION = """\
   archivePrefix = {arXiv},
 }"""
 
-_BLOCK_WORDS = {'resnet': 'residual block', 'mobilenetv2': 'inverted residual'}
+_BLOCK_WORDS = {'resnet': 'every residual block', 'efficientnet': 'its wider blocks, as the paper places it'}
 _TRAINED_KEYS = ('top1', 'dataset', 'num_classes')
 _HUB_DATASET = re.compile(r'^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$')
 
@@ -309,7 +309,7 @@ def render_card(variant_name: str, *, repo_id: Optional[str] = None, weights: st
     init = _init_of(v, metrics)
     w = _warm_weights(v, repo_id) if metrics is None else _trained_weights(v, repo_id, metrics, init)
     intro = (f'`{v.name}`: timm\'s `{v.base}` with EMA, the Efficient Multi-Scale Attention module of Ouyang '
-             f'et al. (ICASSP 2023, [arXiv 2305.13563]({PAPER_URL})), in every {_BLOCK_WORDS[v.family]}. ')
+             f'et al. (ICASSP 2023, [arXiv 2305.13563]({PAPER_URL})), in {_BLOCK_WORDS[v.family]}. ')
     lines = [GENERATED_MARK, '', f'# {w.title}', '', intro + w.intro, '']
     lines += _ema_section(v) + _details_section(v, w) + ['## Weights and accuracy', ''] + w.accuracy + ['']
     lines += _usage_section(v, w) + _citation_section(v)

@@ -21,9 +21,9 @@ from torch import nn
 from .errors import UsageError
 from .layers import EMA
 from .pretrained import half_state, warm_start_state_dict
-from .registry import EMA_FACTOR, FAMILIES
+from .registry import EMA_FACTOR
 
-__all__ = ['add_ema', 'grafted_layers']
+__all__ = ['add_ema', 'graft_family', 'grafted_layers']
 
 _HOOK_SCALE = 2.0  # compensates EMA's x/2 start after a submodule whose successor is unknown
 
@@ -32,23 +32,16 @@ def add_ema(model: nn.Module, after: Optional[Sequence[str]] = None, factor: int
             input_size: Optional[Tuple[int, int, int]] = None) -> nn.Module:
     """Graft EMA into ``model`` in place, keeping its function exactly; returns ``model``.
 
-    ``after=None``: ``model`` is a timm model of a supported family (ResNet and its D, wide and ResNeXt forms):
-    EMA in every block at the family's placement. ``after=['backbone.6', ...]``: any module, EMA after each
-    named submodule; its channel count comes from one dry run on zeros of ``input_size`` (C, H, W; default the
+    ``after=None``: ``model`` is a timm model of a supported family (ResNet and its D, wide and ResNeXt forms;
+    MobileNetV2, EfficientNet and MobileNetV3, built by timm's EfficientNet builder): EMA in every block at the
+    family's placement (``graft_family``). ``after=['backbone.6', ...]``: any module, EMA after each named
+    submodule; its channel count comes from one dry run on zeros of ``input_size`` (C, H, W; default the
     model's ``pretrained_cfg`` input size, else 3 x 64 x 64), in eval mode, with no gradient.
     """
     if after is None:
-        blocks = list(_family_blocks(model))
-        if not blocks:
-            raise UsageError(f'{type(model).__name__} has no block add_ema knows (ResNet blocks); name the layers '
-                             f'to add EMA after with after=[...]')
         base = model.state_dict()
-        for block, channels in blocks:
-            if getattr(block, 'se', None) is not None:
-                raise UsageError(f'{type(block).__name__} already has an attention layer (se); name the layers to '
-                                 f'add EMA after with after=[...]')
-            block.se = _new_ema(channels, factor, block)  # timm's attention slot, as the variants have it
-        model.load_state_dict(warm_start_state_dict(base, model, 'resnet'))
+        family = graft_family(model, factor)
+        model.load_state_dict(warm_start_state_dict(base, model, family))
         return model
     names = [after] if isinstance(after, str) else list(after)
     modules = [_submodule(model, name) for name in names]
@@ -57,8 +50,34 @@ def add_ema(model: nn.Module, after: Optional[Sequence[str]] = None, factor: int
         if hasattr(host, 'ema'):
             raise UsageError(f'{name} already has an attribute named ema; EMA is already grafted there')
         host.ema = _new_ema(channels, factor, module)
+        host.ema.load_state_dict(half_state(host.ema))
         host.register_forward_hook(_ema_after)
     return model
+
+
+def graft_family(model: nn.Module, factor: int = EMA_FACTOR) -> str:
+    """EMA (freshly initialised) into every block of ``model`` at its family's placement, in the block's attention
+    slot ``se``; returns the family (a key of ``FAMILIES``). The variants' builders use this; ``add_ema`` then
+    maps the model's own weights through the warm start.
+
+    ResNet: every residual block, after its last BatchNorm. timm's EfficientNet builder: the rule of the paper's
+    timm fork, EMA after SE (where the block has one) and before the pointwise projection, in an inverted
+    residual whose expanded width exceeds 144 and a depthwise-separable block whose width exceeds 320.
+    """
+    blocks = list(_family_blocks(model))
+    if not blocks:
+        raise UsageError(f'{type(model).__name__} has no block add_ema knows (ResNet, EfficientNet-builder blocks); '
+                         f'name the layers to add EMA after with after=[...]')
+    for family, block, channels in blocks:
+        if channels is None:
+            continue  # a block the placement rule leaves out
+        ema = _new_ema(channels, factor, block)
+        if family == 'resnet' and block.se is not None:
+            raise UsageError(f'{type(block).__name__} already has an attention layer (se); name the layers to '
+                             f'add EMA after with after=[...]')
+        # timm's attention slot; after an existing squeeze-excitation in EfficientNet-builder blocks
+        block.se = ema if block.se is None or isinstance(block.se, nn.Identity) else nn.Sequential(block.se, ema)
+    return blocks[0][0]
 
 
 def grafted_layers(model: nn.Module) -> List[str]:
@@ -80,22 +99,31 @@ def _ema_after(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
 
 
 def _new_ema(channels: int, factor: int, near: nn.Module) -> EMA:
-    """An EMA that computes x/2, on the device and in the dtype of the module it joins."""
+    """A new EMA on the device and in the dtype of the module it joins."""
     ref = next(near.parameters(), None)
-    ema = EMA(channels, factor, device=ref.device if ref is not None else None,
-              dtype=ref.dtype if ref is not None else None)
-    ema.load_state_dict(half_state(ema))
-    return ema
+    return EMA(channels, factor, device=ref.device if ref is not None else None,
+               dtype=ref.dtype if ref is not None else None)
 
 
-def _family_blocks(model: nn.Module) -> Iterable[Tuple[nn.Module, int]]:
-    """(block, the channels EMA gets there) for every block of a known family."""
+# The paper's timm fork adds EMA to an EfficientNet-builder block only above these widths.
+_MIN_INVERTED_RESIDUAL = 144   # InvertedResidual: mid_chs > 144
+_MIN_DEPTHWISE_SEPARABLE = 320  # DepthwiseSeparableConv: in_chs > 320
+
+
+def _family_blocks(model: nn.Module) -> Iterable[Tuple[str, nn.Module, Optional[int]]]:
+    """(family, block, the channels EMA gets there or None where the placement leaves the block out)."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
     from timm.models.resnet import BasicBlock, Bottleneck
 
-    fold_into = FAMILIES['resnet'].fold_into  # bn3 in bottlenecks, bn2 in basic blocks: EMA's input
     for module in model.modules():
-        if isinstance(module, (Bottleneck, BasicBlock)):
-            yield module, next(getattr(module, name) for name in fold_into if hasattr(module, name)).num_features
+        if isinstance(module, (Bottleneck, BasicBlock)):  # EMA's input: bn3 in bottlenecks, bn2 in basic blocks
+            yield 'resnet', module, (module.bn3 if hasattr(module, 'bn3') else module.bn2).num_features
+        elif isinstance(module, InvertedResidual):
+            mid = module.conv_pwl.in_channels
+            yield 'efficientnet', module, mid if mid > _MIN_INVERTED_RESIDUAL else None
+        elif isinstance(module, DepthwiseSeparableConv):
+            width = module.conv_pw.in_channels
+            yield 'efficientnet', module, width if width > _MIN_DEPTHWISE_SEPARABLE else None
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .cards import card_summary, render_card, render_grafted_card
 from .errors import CorruptWeightsError, UnknownModelError, WeightsUnavailableError
+from .layers import EMA
 from .models.grafted import ARCHITECTURE as GRAFTED
 from .pretrained import as_variant_state, check_state_dict
 from .registry import VARIANTS, get_variant
@@ -347,29 +348,37 @@ def _publishable_folder(model: Union[str, nn.Module], folder: Path, repo_id: str
 _WRAPPERS = ('state_dict', 'model', 'model_state_dict', 'module', 'net')
 # The paper's code names the attention module freely (ema, attention, ...); timm's slot is `se`.
 _PAPER_ATTENTION = re.compile(r'^(?P<block>.+)\.(?P<attn>[^.]+)\.(?P<part>gn|conv1x1|conv3x3)\.(?P<param>weight|bias)$')
+_SE_KEY = re.compile(r'^(?P<block>.+)\.se\.(?P<rest>(?![01]\.).+)$')  # a squeeze-excitation key, not yet se.0/se.1
 
 
 def convert_checkpoint(source: PathLike, variant: str, out: PathLike) -> Dict[str, object]:
     """Convert a checkpoint of the paper's code (gn/conv1x1/conv3x3 attention keys) to safetensors for ``variant``.
 
     Pickles are read with ``torch.load(weights_only=True)`` only: tensors, never code. Wrappers
-    (``state_dict``/``model``/...) and DDP's ``module.`` prefix are removed; the attention module's keys are
-    renamed to timm's ``se`` slot. Unknown, missing and mismatched keys are reported by name.
+    (``state_dict``/``model``/..., as in timm's training checkpoints) and DDP's ``module.`` prefix are removed;
+    the attention module's keys (``ema.*`` in the paper's timm fork) are renamed to where the variant has EMA:
+    timm's ``se`` slot, or ``se.1`` after a block's own squeeze-excitation (then at ``se.0``). Unknown, missing
+    and mismatched keys are reported by name.
     """
     source = Path(source)
     model_name = resolve_model(variant).split('.', 1)[0]
-    state = _read_any_checkpoint(source)
+    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in _read_any_checkpoint(source).items()}
+    classes = _head_size(state, model_name)
+    model = timm.create_model(model_name, pretrained=False, **({'num_classes': classes} if classes else {}))
+    # Where each block's EMA sits: timm's attention slot `se`, or `se.1` after the block's own SE (at `se.0`).
+    ema_at = {name.rsplit('.se', 1)[0]: name for name, m in model.named_modules() if isinstance(m, EMA)}
+    behind_se = {block for block, name in ema_at.items() if name.endswith('.se.1')}
     renamed = 0
     converted = {}
     for key, tensor in state.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
         match = _PAPER_ATTENTION.match(key)
-        if match and match.group('attn') != 'se':
-            key = f"{match.group('block')}.se.{match.group('part')}.{match.group('param')}"
+        block = match.group('block') if match else None
+        if match and block in ema_at and key != f"{ema_at[block]}.{match.group('part')}.{match.group('param')}":
+            key = f"{ema_at[block]}.{match.group('part')}.{match.group('param')}"
             renamed += 1
+        elif (se := _SE_KEY.match(key)) and se.group('block') in behind_se:
+            key = f"{se.group('block')}.se.0.{se.group('rest')}"
         converted[key] = tensor.contiguous()
-    classes = _head_size(converted, model_name)
-    model = timm.create_model(model_name, pretrained=False, **({'num_classes': classes} if classes else {}))
     check_state_dict(converted, model, str(source))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

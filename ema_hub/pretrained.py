@@ -75,7 +75,11 @@ def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module,
     state = dict(base_state)
     fold_into = FAMILIES[family or _family(model)].fold_into
     for name, ema in _ema_layers(model):
-        block = name.rsplit('.', 1)[0]
+        slot = name.rsplit('.', 1)[0] if name.endswith('.1') else name  # EMA after a block's own SE: se.1
+        block = slot.rsplit('.', 1)[0]
+        if slot != name:  # the SE's keys move under se.0
+            for key in [k for k in state if k.startswith(f'{slot}.')]:
+                state[f'{slot}.0.{key[len(slot) + 1:]}'] = state.pop(key)
         target = next(f'{block}.{layer}' for layer in fold_into if f'{block}.{layer}.weight' in state)
         for suffix in ('weight', 'bias'):
             if f'{target}.{suffix}' in state:

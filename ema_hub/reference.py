@@ -54,6 +54,6 @@ def with_reference_layers(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, EMA):
             ref = ReferenceEMA(module.gn.num_channels * module.groups, module.groups)
-            ref.load_state_dict(module.state_dict())
+            ref.load_state_dict(module.state_dict(), assign=True)  # its tensors (meta ones too)
             model.set_submodule(name, ref)
     return model

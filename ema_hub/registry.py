@@ -1,6 +1,6 @@
 """The one table of EMA variants: the single source of truth for models, pretrained tags, listings and cards.
 
-Every variant is its timm base architecture with EMA added in every block (see ``FAMILIES``). Model
+Every variant is its timm base architecture with EMA added at its family's placement (``FAMILIES``). Model
 registration (``ema_hub.models``), the pretrained cfgs and warm-start mapping (``ema_hub.pretrained``),
 the model cards (``ema_hub.cards``) and the CLI's listing are all generated from ``VARIANTS``.
 """
@@ -29,11 +29,13 @@ FAMILIES = {
         fold_into=('bn3', 'bn2'),
         fold_words='the BatchNorm before it (`bn3` in bottlenecks, `bn2` in basic blocks, weight and bias)',
     ),
-    'mobilenetv2': Family(
-        placement='in every inverted residual, after the depthwise convolution (and its BatchNorm + ReLU6), '
-                  'before the pointwise-linear projection: where timm places squeeze-excitation',
-        fold_into=('conv_pwl',),
-        fold_words='the pointwise-linear projection after it (`conv_pwl` weight)',
+    'efficientnet': Family(
+        placement='after squeeze-excitation (or the depthwise convolution, in blocks without it) and before the '
+                  'pointwise projection, in every inverted residual whose expanded width exceeds 144 and every '
+                  'depthwise-separable block whose width exceeds 320: the rule of the paper\'s own timm fork',
+        fold_into=('conv_pwl', 'conv_pw'),
+        fold_words='the pointwise projection after it (`conv_pwl` in inverted residuals, `conv_pw` in '
+                   'depthwise-separable blocks, weight)',
     ),
 }
 
@@ -76,9 +78,10 @@ def _resnet(name, base, layers, block, base_tag, top1, top5, params, base_params
     )
 
 
-def _mobilenetv2(name, base, multiplier, base_tag, top1, top5, params, base_params, gmacs, base_gmacs):
+def _effnet(name, base, base_tag, top1, top5, params, base_params, gmacs, base_gmacs):
+    """A variant of timm's EfficientNet builder: the base as timm builds it, EMA grafted at the family's placement."""
     return Variant(
-        name=name, base=base, family='mobilenetv2', arch=dict(channel_multiplier=multiplier),
+        name=name, base=base, family='efficientnet', arch={},
         base_tag=base_tag, base_top1=top1, base_top5=top5, params_m=params, base_params_m=base_params,
         gmacs=gmacs, base_gmacs=base_gmacs,
     )
@@ -101,8 +104,20 @@ _TABLE: Tuple[Variant, ...] = (
             44.94, 44.57, 10.00, 8.04, stem_width=32, stem_type='deep', avg_down=True),
     _resnet('wide_resnet50_2_ema', 'wide_resnet50_2', (3, 4, 6, 3), 'bottleneck', 'racm_in1k', 81.466, 95.544,
             69.08, 68.88, 12.35, 11.40, base_width=128),
-    _mobilenetv2('mobilenetv2_100_ema', 'mobilenetv2_100', 1.0, 'ra_in1k', 72.910, 91.000, 3.55, 3.50, 0.48, 0.30),
-    _mobilenetv2('mobilenetv2_140_ema', 'mobilenetv2_140', 1.4, 'ra_in1k', 76.528, 93.008, 6.22, 6.11, 0.97, 0.58),
+    _effnet('mobilenetv2_100_ema', 'mobilenetv2_100', 'ra_in1k',
+            72.910, 91.000, 3.55, 3.50, 0.44, 0.30),
+    _effnet('mobilenetv2_140_ema', 'mobilenetv2_140', 'ra_in1k',
+            76.528, 93.008, 6.22, 6.11, 0.94, 0.58),
+    _effnet('mobilenetv3_large_100_ema', 'mobilenetv3_large_100', 'ra4_e3600_r224_in1k',
+            76.310, 92.842, 5.52, 5.48, 0.30, 0.22),
+    _effnet('efficientnet_b0_ema', 'efficientnet_b0', 'ra4_e3600_r224_in1k',
+            78.568, 94.340, 5.36, 5.29, 0.58, 0.39),
+    _effnet('efficientnet_b1_ema', 'efficientnet_b1', 'ra4_e3600_r240_in1k',
+            80.404, 95.152, 7.93, 7.79, 0.88, 0.57),
+    _effnet('efficientnet_b2_ema', 'efficientnet_b2', 'ra_in1k',
+            79.324, 94.582, 9.28, 9.11, 1.06, 0.66),
+    _effnet('efficientnet_b3_ema', 'efficientnet_b3', 'ra2_in1k',
+            81.472, 95.696, 12.50, 12.23, 1.65, 0.96),
 )
 
 VARIANTS: Dict[str, Variant] = {v.name: v for v in _TABLE}

@@ -258,3 +258,28 @@ def test_describe_checkpoint_folder_and_unknown_model(checkpoint):
     assert info['card_summary'] and info['data_config']['input_size'] == (3, 224, 224)
     with pytest.raises(UnknownModelError, match='use one of'):
         hub.describe('resnet18_nope')
+
+
+@pytest.mark.parametrize('name,layers', [('mobilenetv2_100_ema', 13), ('efficientnet_b0_ema', 12)])
+def test_convert_paper_fork_training_checkpoint(tmp_path, name, layers):
+    """A timm training checkpoint of the paper's timm fork: EMA as ``blocks.i.j.ema.*`` in exactly the blocks its
+    rule picks (after SE, where the block has one, at ``blocks.i.j.se.*``)."""
+    trained = _trained_ema(name, num_classes=1000)
+    fork = {}
+    for key, value in trained.state_dict().items():
+        for ours, theirs in (('.se.1.', '.ema.'), ('.se.0.', '.se.'), ('.se.gn.', '.ema.gn.'),
+                             ('.se.conv1x1.', '.ema.conv1x1.'), ('.se.conv3x3.', '.ema.conv3x3.')):
+            if ours in key:  # EMA behind SE, the SE itself, EMA in the attention slot
+                key = key.replace(ours, theirs)
+                break
+        fork[key] = value
+    assert sum('.ema.' in k for k in fork) == layers * 6
+    src = tmp_path / 'model_best.pth.tar'
+    torch.save({'epoch': 299, 'arch': name.removesuffix('_ema'), 'state_dict': fork,
+                'optimizer': {'state': {}, 'param_groups': [{'lr': 0.01, 'params': [0, 1]}]}, 'version': 2}, src)
+    report = hub.convert_checkpoint(src, name, tmp_path / 'converted.safetensors')
+    assert report['renamed'] == layers * 6
+    model = hub.create_model(name, weights=tmp_path / 'converted.safetensors').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x))

@@ -77,9 +77,11 @@ def test_compiled_calls_the_same_kernels(kernel_calls):
     torch.testing.assert_close(xr.grad, xe.grad, rtol=0, atol=1e-4 * xe.grad.abs().max().item())
 
 
-def test_compiled_channels_last_network(kernel_calls):
+@pytest.mark.parametrize('dynamic', [False, True])
+def test_compiled_channels_last_network(kernel_calls, dynamic):
     """Between convolutions torch.compile hands the operator channels_last maps (its layout optimisation); the
-    kernel reads and writes them in place, and the network equals eager."""
+    kernel reads and writes them in place, and the network equals eager, with static and symbolic sizes (the
+    fake decides the output's layout as the kernel does)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), _layer(), torch.nn.Conv2d(64, 8, 1)).eval()
     net = net.to(memory_format=torch.channels_last)
@@ -87,7 +89,7 @@ def test_compiled_channels_last_network(kernel_calls):
     with torch.no_grad():
         want = net(x)
         before = kernel_calls['forward']
-        got = torch.compile(net, fullgraph=True)(x)
+        got = torch.compile(net, fullgraph=True, dynamic=dynamic)(x)
     assert kernel_calls['forward'] > before
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 

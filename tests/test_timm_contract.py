@@ -3,7 +3,7 @@ stronger oracles.
 
 CI runs timm's own tests/test_models.py on all 8 variants (``.ci/run``: from the source distribution of the
 installed timm, meta device included). Here the same checks run on one variant per kind of block EMA sits in
-(``NAMES``: a basic block, a bottleneck, an inverted residual), compared with the eager model where timm only
+(``NAMES``: a basic block, a bottleneck, inverted residuals with and without squeeze-excitation), compared with the eager model where timm only
 asks for shapes; torch.compile and torch.export run on resnet50_ema. Each test names the timm test it mirrors.
 Where timm only asserts shapes and the absence of NaNs (TorchScript, FX + TorchScript) the eager model is the
 oracle here, and where timm's contract is silent on something EMA could break (EMA parameters' gradients,
@@ -37,7 +37,7 @@ from timm.models._manipulate import adapt_input_conv
 from ema_hub import EMA, VARIANTS
 
 # One variant per kind of block that holds EMA (the others repeat these blocks at other widths and depths).
-NAMES = ['resnet18_ema', 'resnet50_ema', 'mobilenetv2_100_ema']
+NAMES = ['resnet18_ema', 'resnet50_ema', 'mobilenetv3_large_100_ema']
 
 # TorchScript is deprecated upstream but still part of timm's contract (and tested by timm).
 pytestmark = [
@@ -95,7 +95,7 @@ def _assert_close(actual, expected, rtol=RTOL, what=''):
 def _assert_same_function_fp64(scripted, model, x, what=''):
     """TorchScript compiles EMA's op-by-op form and eager runs its fast path: two summation orders, so in
     fp32 their outputs differ by rounding, which an ill-conditioned random network amplifies past 1e-4
-    (mobilenetv2 here, where the paper's form itself is 2.7e-4 from the fp64 result). In fp64 the two must
+    (a mobilenet here, where the paper's form itself is 2.7e-4 from the fp64 result). In fp64 the two must
     agree to 1e-9."""
     scripted, model = scripted.double(), model.double()
     with torch.no_grad():

@@ -9,7 +9,7 @@ from ema_hub import EMA, VARIANTS
 from ema_hub.errors import UnknownModelError
 from ema_hub.reference import with_reference_layers
 from timm.models.resnet import BasicBlock, Bottleneck
-from timm.models._efficientnet_blocks import InvertedResidual
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 
 NAMES = list(VARIANTS)
 
@@ -30,27 +30,42 @@ def test_default_tag_is_warm_start():
         assert cfg.tag == v.warm_tag and cfg.hf_hub_id == v.base_hub_id
 
 
+def _expected_channels(block):
+    """The channels EMA gets in ``block`` under its family's placement, or None where it leaves the block out
+    (the paper's timm fork: inverted residuals wider than 144, depthwise-separable blocks wider than 320)."""
+    if isinstance(block, (BasicBlock, Bottleneck)):
+        return (block.bn3 if hasattr(block, 'bn3') else block.bn2).num_features
+    if isinstance(block, InvertedResidual):
+        return block.conv_pwl.in_channels if block.conv_pwl.in_channels > 144 else None
+    return block.conv_pw.in_channels if block.conv_pw.in_channels > 320 else None
+
+
+def _ema_of(block):
+    """The block's EMA: its attention slot, or after the block's own squeeze-excitation in it."""
+    if isinstance(block.se, EMA):
+        return block.se
+    if isinstance(block.se, torch.nn.Sequential) and isinstance(block.se[-1], EMA):
+        return block.se[-1]
+    return None
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_placement_and_parameters(name):
     v = VARIANTS[name]
-    model, base = timm.create_model(name), timm.create_model(v.base)
-    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, InvertedResidual))]
-    base_blocks = [m for m in base.modules() if isinstance(m, (BasicBlock, Bottleneck, InvertedResidual))]
+    model, base = timm.create_model(name, device='meta'), timm.create_model(v.base, device='meta')
+    kinds = (BasicBlock, Bottleneck, InvertedResidual, DepthwiseSeparableConv)
+    blocks = [m for m in model.modules() if isinstance(m, kinds)]
+    base_blocks = [m for m in base.modules() if isinstance(m, kinds)]
     emas = [m for m in model.modules() if isinstance(m, EMA)]
     assert len(blocks) == len(base_blocks) > 0
-    # One EMA per block, in the block's attention slot, sized to what that slot sees.
-    assert len(emas) == len(blocks)
-    for block in blocks:
-        assert isinstance(block.se, EMA)
-        if v.family == 'resnet':
-            last_norm = block.bn3 if hasattr(block, 'bn3') else block.bn2
-            channels = last_norm.num_features
-        else:
-            channels = block.conv_pwl.in_channels
-        assert block.se.gn.num_channels * block.se.groups == channels
-    # Everything but the EMA layers is the base, parameter for parameter.
-    ema_keys = {k for k in model.state_dict() if '.se.' in k}
-    rest = {k: t.shape for k, t in model.state_dict().items() if k not in ema_keys}
+    # EMA where the family's placement puts it, in the block's attention slot, sized to what that slot sees.
+    expected = [_expected_channels(b) for b in base_blocks]
+    assert [None if _ema_of(b) is None else _ema_of(b).gn.num_channels * _ema_of(b).groups for b in blocks] == expected
+    assert len(emas) == sum(c is not None for c in expected) > 0
+    # Everything but the EMA layers is the base, parameter for parameter (an SE moves under se.0 beside it).
+    ema_keys = {k for name_, m in model.named_modules() if isinstance(m, EMA) for k in
+                (f'{name_}.{s}' for s in m.state_dict())}
+    rest = {k.replace('.se.0.', '.se.'): t.shape for k, t in model.state_dict().items() if k not in ema_keys}
     assert rest == {k: t.shape for k, t in base.state_dict().items()}
     ema_params = sum(_params(m) for m in emas)
     assert _params(model) == _params(base) + ema_params
@@ -63,10 +78,10 @@ def test_placement_and_parameters(name):
 def test_gmacs_match_registry(name):
     v = VARIANTS[name]
 
-    def gmacs(arch):
-        model = with_reference_layers(timm.create_model(arch)).eval()
+    def gmacs(arch):  # on the meta device: the counter needs shapes only
+        model = with_reference_layers(timm.create_model(arch, device='meta')).eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.randn(1, 3, 224, 224))
+            model(torch.empty(1, 3, 224, 224, device='meta'))
         return counter.get_total_flops() / 2e9
 
     assert gmacs(name) == pytest.approx(v.gmacs, abs=0.01)
@@ -85,7 +100,8 @@ def test_ema_sits_before_residual_add():
 
 def test_mobilenet_ema_after_depthwise():
     model = timm.create_model('mobilenetv2_100_ema').eval()
-    block = model.blocks[2][0]
+    assert model.blocks[2][0].conv_pwl.in_channels == 144 and not isinstance(model.blocks[2][0].se, EMA)
+    block = model.blocks[2][1]  # 192 wide
     seen = {}
     block.se.register_forward_hook(lambda m, i, o: seen.update(inp=i[0]))
     block.conv_dw.register_forward_hook(lambda m, i, o: seen.update(dw=o))
@@ -95,6 +111,18 @@ def test_mobilenet_ema_after_depthwise():
         expected_in = block.bn2(seen['dw'])
     torch.testing.assert_close(seen['inp'], expected_in)
     torch.testing.assert_close(seen['pwl'], block.se(expected_in))
+
+
+def test_efficientnet_ema_after_squeeze_excitation():
+    """In a block with squeeze-excitation EMA follows it, before the pointwise projection (the paper's fork)."""
+    model = timm.create_model('efficientnet_b0_ema').eval()
+    block = next(b for b in model.modules() if isinstance(b, InvertedResidual) and _ema_of(b) is not None)
+    seen = {}
+    block.se[0].register_forward_hook(lambda m, i, o: seen.update(se=o))
+    block.conv_pwl.register_forward_pre_hook(lambda m, i: seen.update(pwl=i[0]))
+    with torch.no_grad():
+        block(torch.randn(1, block.conv_pw.in_channels, 16, 16))
+        torch.testing.assert_close(seen['pwl'], block.se[1](seen['se']))
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -46,10 +46,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _new_output(x: Tensor, keep_layout: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
     """The output's buffer: x's layout where kept (the inference operator, and everything on CUDA, where the
     kernels read and write channels_last in place), else contiguous (the training operator on the CPU, whose
-    backward works on the grouped contiguous layout)."""
-    if keep_layout or x.device.type == 'cuda':
-        return torch.empty_like(x, dtype=dtype)
-    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+    backward works on the grouped contiguous layout). x's layout is channels_last or contiguous, decided the
+    same way for real and fake (symbolic) tensors, which ``empty_like``'s preserve-format is not."""
+    keep = _channels_last(x) and (keep_layout or x.device.type == 'cuda')
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last if keep else torch.contiguous_format)
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether x's channels are its innermost dimension (channels_last), read from the strides alone: with
+    symbolic sizes (torch.compile's dynamic shapes) contiguity checks cannot decide, and an unknown counts as
+    no."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+    return x.dim() == 4 and guard_or_false(x.stride(1) == 1) and not guard_or_false(x.stride(3) == 1)
 
 
 def _kernel_layout(out: Tensor) -> Optional[torch.memory_format]:
@@ -138,7 +146,7 @@ def forward_triton(x: Tensor, params: Params, tap_edges: Tensor, groups: int, ep
     g = gates(pooled, p.w1, p.b1)
     co = coefficients(edges, edges.new_zeros(edges.shape[:2]), edges.new_zeros(edges.shape[:2]), p,
                       tap_edges.float(), eps, h * w)  # only s2 and the taps are read before the statistics
-    out = torch.empty_like(x)
+    out = _new_output(x, keep_layout=True)
     gate = x.new_empty((b * groups, h, w), dtype=torch.float32) if for_backward else None
     sums = ema_triton.apply(x, groups, g, shift(pooled, g, h), co.s2, p.gamma, p.beta,
                             co.taps.taps_mix.contiguous(), co.taps.const.reshape(1), eps, out, gate)
@@ -231,6 +239,8 @@ ema_forward.register_autograd(_backward, setup_context=_setup_context)
 # A plain torch.onnx.export (without ``onnx_graph.translations()``) decomposes the inference operator with this
 # table into ema_portable's plain ops, which any ONNX runtime has; torch.export and torch.compile keep the
 # operator.
+# FakeTensor computes shapes with symbolic sizes through this table too, so it keeps the fake's layout.
 @torch._decomp.register_decomposition(torch.ops.ema_hub.ema.default)
 def _portable(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps) -> Tensor:
-    return ema_portable(x, groups, Params(w1, b1, gamma, beta, w3, b3), tap_edges, eps)[0]
+    out = ema_portable(x, groups, Params(w1, b1, gamma, beta, w3, b3), tap_edges, eps)[0]
+    return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out

@@ -1,0 +1,71 @@
+"""Variants of timm's EfficientNet builder: MobileNetV2, MobileNetV3 and EfficientNet with EMA where the paper's
+own timm fork places it (``ema_hub.graft.graft_family``): after squeeze-excitation, or the depthwise
+convolution where a block has none, before the pointwise projection, in the inverted residuals wider than 144
+(and depthwise-separable blocks wider than 320). Each is the base as timm builds it, with EMA grafted in.
+Expanded widths the factor does not divide (240, 672, ...) follow ``ema_hub.layers.ema_groups``.
+"""
+import timm
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from ..graft import graft_family
+from ..pretrained import checkpoint_filter_fn, loads_weights, pretrained_cfgs
+from ..registry import VARIANTS
+
+
+def _create_effnet_ema(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    base = VARIANTS[variant].base
+
+    def build(**model_kwargs) -> nn.Module:
+        model = timm.create_model(base, **model_kwargs)
+        graft_family(model)
+        return model
+
+    pretrained = loads_weights(pretrained, kwargs.get('pretrained_cfg'))
+    return build_model_with_cfg(build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+default_cfgs = generate_default_cfgs(pretrained_cfgs('efficientnet'))
+
+
+@register_model
+def mobilenetv2_100_ema(pretrained: bool = False, **kwargs) -> nn.Module:
+    """MobileNet-V2 1.0 with EMA in its 13 inverted residuals wider than 144."""
+    return _create_effnet_ema('mobilenetv2_100_ema', pretrained, **kwargs)
+
+
+@register_model
+def mobilenetv2_140_ema(pretrained: bool = False, **kwargs) -> nn.Module:
+    """MobileNet-V2 1.4 with EMA in its 15 inverted residuals wider than 144."""
+    return _create_effnet_ema('mobilenetv2_140_ema', pretrained, **kwargs)
+
+
+@register_model
+def mobilenetv3_large_100_ema(pretrained: bool = False, **kwargs) -> nn.Module:
+    """MobileNet-V3 Large 1.0 with EMA in its inverted residuals wider than 144."""
+    return _create_effnet_ema('mobilenetv3_large_100_ema', pretrained, **kwargs)
+
+
+@register_model
+def efficientnet_b0_ema(pretrained: bool = False, **kwargs) -> nn.Module:
+    """EfficientNet-B0 with EMA in its inverted residuals wider than 144."""
+    return _create_effnet_ema('efficientnet_b0_ema', pretrained, **kwargs)
+
+
+@register_model
+def efficientnet_b1_ema(pretrained: bool = False, **kwargs) -> nn.Module:
+    """EfficientNet-B1 with EMA in its inverted residuals wider than 144."""
+    return _create_effnet_ema('efficientnet_b1_ema', pretrained, **kwargs)
+
+
+@register_model
+def efficientnet_b2_ema(pretrained: bool = False, **kwargs) -> nn.Module:
+    """EfficientNet-B2 with EMA in its inverted residuals wider than 144."""
+    return _create_effnet_ema('efficientnet_b2_ema', pretrained, **kwargs)
+
+
+@register_model
+def efficientnet_b3_ema(pretrained: bool = False, **kwargs) -> nn.Module:
+    """EfficientNet-B3 with EMA in its inverted residuals wider than 144."""
+    return _create_effnet_ema('efficientnet_b3_ema', pretrained, **kwargs)
