@@ -93,19 +93,33 @@ def small_digits(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session')
 def trained(digits, tmp_path_factory):
     """The issue's command line, once per session (minutes): ``ema-hub finetune resnet18_ema DATA --no-pretrained
-    --epochs 8 --img-size 32 --output DIR``. Returns (the output folder, its metrics.json, the process)."""
+    --epochs 8 --img-size 32 --output DIR``. Returns (the output folder, its metrics.json, the process).
+
+    Under pytest-xdist the first worker that needs it runs it, under a file lock in the session's shared temporary
+    folder, and the others wait for it and share the folder and the process's output."""
+    import fcntl
+    import subprocess
     from support.cli import run_module
 
-    out = tmp_path_factory.mktemp('run') / 'r18'
-    start = time.perf_counter()
-    proc = run_module(['finetune', 'resnet18_ema', str(digits), '--no-pretrained', '--epochs', '8', '--img-size',
-                       '32', '--output', str(out)])
-    elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / 'metrics.json').read_text())
-    print(f'\ndigits finetune: top-1 {metrics["top1"]:.2f} %, top-5 {metrics["top5"]:.2f} %, '
-          f'train {metrics["train_time_s"]:.0f} s, wall {elapsed:.0f} s')
-    return out, metrics, proc
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'digits_run'
+    shared.mkdir(exist_ok=True)
+    out, record = shared / 'r18', shared / 'process.json'
+    with open(shared / 'lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not record.exists():
+            start = time.perf_counter()
+            proc = run_module(['finetune', 'resnet18_ema', str(digits), '--no-pretrained', '--epochs', '8',
+                               '--img-size', '32', '--output', str(out)])
+            elapsed = time.perf_counter() - start
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            record.write_text(json.dumps({'args': proc.args, 'returncode': proc.returncode, 'stdout': proc.stdout,
+                                          'stderr': proc.stderr}))
+            metrics = json.loads((out / 'metrics.json').read_text())
+            print(f'\ndigits finetune: top-1 {metrics["top1"]:.2f} %, top-5 {metrics["top5"]:.2f} %, '
+                  f'train {metrics["train_time_s"]:.0f} s, wall {elapsed:.0f} s')
+    proc = subprocess.CompletedProcess(**json.loads(record.read_text()))
+    return out, json.loads((out / 'metrics.json').read_text()), proc
 
 
 @pytest.fixture(scope='session')
