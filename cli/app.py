@@ -162,19 +162,22 @@ def features(
 @app.command('list')
 def list_models(
         fmt: Annotated[ListFormat, typer.Option('--format', '-f', help='table or json.')] = ListFormat.table,
+        all_tags: Annotated[bool, typer.Option(
+            '--all', help='Every warm tag (one per pretrained tag of the base), not only the default ones.')] = False,
         debug: DebugOpt = False,
 ) -> None:
-    """The registered variants and their pretrained tags: params, GMACs, base accuracy, cached or not."""
+    """The registered variants and their default tags (--all: every tag): params, GMACs, base accuracy, cached."""
     with errors(debug):
         from ema_hub.hub import list_variants
 
-        rows = list_variants()
+        rows = list_variants(all_tags)
         if fmt == ListFormat.json:
             typer.echo(json.dumps(rows, indent=2))
             return
         header = ['MODEL', 'BASE', 'PARAMS (M)', 'GMACS', 'BASE TOP-1', 'CACHED']
         table = [[r['model'] + (' (default)' if r['default'] else ''), r['base'], f"{r['params_m']:.2f}",
-                  f"{r['gmacs']:.2f}", f"{r['base_top1']:.2f}", 'yes' if r['cached'] else 'no'] for r in rows]
+                  f"{r['gmacs']:.2f}", '-' if r['base_top1'] is None else f"{r['base_top1']:.2f}",
+                  'yes' if r['cached'] else 'no'] for r in rows]
         widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
         right = {2, 3, 4}
         for line in [header] + table:

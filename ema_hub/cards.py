@@ -27,7 +27,7 @@ from timm.models import get_pretrained_cfg
 
 from . import models as _models  # noqa: F401  (registers the variants with timm)
 from .layers import EMA
-from .registry import EMA_FACTOR, FAMILIES, Variant, VARIANTS, get_variant
+from .registry import BASE_RESULTS, EMA_FACTOR, FAMILIES, Variant, VARIANTS, get_variant
 from .specs import HF_HUB, parse_spec
 
 __all__ = ['render_card', 'card_summary', 'write_cards', 'check_cards', 'CARD_TAGS', 'PAPER_URL']
@@ -258,8 +258,21 @@ def _warm_weights(v: Variant, repo_id: Optional[str]) -> _Weights:
             f'their own.',
             '- **Training:** `gn` and `conv3x3` receive gradient from the first step, `conv1x1` once `gn`\'s '
             'weight leaves zero.',
-        ],
+        ] + _other_tags(v),
     )
+
+
+def _other_tags(v: Variant) -> List[str]:
+    """The card's line on the variant's other warm tags, one per pretrained tag of the base, with the top-1 each
+    base tag has in timm's results where it has one."""
+    others = []
+    for tag in v.base_tags[1:]:
+        result = BASE_RESULTS.get(f'{v.base}.{tag}')
+        others.append(f'`{v.name}.warm_{tag}`' + (f' ({result[1]:.2f} % at {result[0]})' if result else ''))
+    if not others:
+        return []
+    return [f'- **Other warm tags** (the base tag\'s ImageNet-1k top-1 and size, where timm publishes one; the '
+            f'default is the best tag trained on ImageNet-1k alone): {", ".join(others)}.']
 
 
 def _trained_weights(v: Variant, repo_id: Optional[str], metrics: Dict[str, object], init: _Init) -> _Weights:

@@ -29,7 +29,7 @@ from .errors import CorruptWeightsError, UnknownModelError, WeightsUnavailableEr
 from .layers import EMA
 from .models.grafted import ARCHITECTURE as GRAFTED
 from .pretrained import as_variant_state, check_state_dict
-from .registry import VARIANTS, get_variant
+from .registry import BASE_RESULTS, VARIANTS, get_variant
 from .specs import HF_HUB, PathLike, parse_spec
 
 __all__ = [
@@ -43,8 +43,8 @@ _WEIGHTS_FILE = 'model.safetensors'
 
 
 def pretrained_tags(variant: str) -> List[str]:
-    """The pretrained tags of ``variant``, its default first."""
-    return [name.split('.', 1)[1] for name in timm.list_pretrained(f'{variant}.*')]
+    """The pretrained tags of ``variant``, its default first: a warm tag per pretrained tag of its base."""
+    return [f'warm_{tag}' for tag in get_variant(variant).base_tags]
 
 
 def resolve_model(model: str) -> str:
@@ -409,17 +409,18 @@ def _read_any_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def list_variants() -> List[Dict[str, object]]:
-    """What ``ema-hub list`` shows: a row per variant and tag (the default tag first), with its size, its base's
-    published top-1 and whether its weights are cached."""
+def list_variants(all_tags: bool = False) -> List[Dict[str, object]]:
+    """What ``ema-hub list`` shows: a row per variant (its default tag), or with ``all_tags`` per variant and tag,
+    with its size, the base tag's published ImageNet-1k top-1 (None where timm's results have none) and whether
+    its weights are cached."""
     rows = []
     for name, variant in VARIANTS.items():
-        for i, tag in enumerate(pretrained_tags(name) or ['']):
-            spec = f'{name}.{tag}' if tag else name
+        for i, tag in enumerate(variant.base_tags[:None if all_tags else 1]):
+            spec = f'{name}.warm_{tag}'
+            result = BASE_RESULTS.get(f'{variant.base}.{tag}')
             rows.append({
                 'model': spec, 'default': i == 0, 'base': variant.base, 'params_m': variant.params_m,
-                'gmacs': variant.gmacs, 'base_top1': variant.base_top1,
-                'cached': bool(tag) and _cached_or_not(spec),
+                'gmacs': variant.gmacs, 'base_top1': result[1] if result else None, 'cached': _cached_or_not(spec),
             })
     return rows
 

@@ -6,11 +6,12 @@ the base's: every EMA layer starts as x -> x/2 (gn and conv3x3 zero: both softma
 sigmoid(0)) and the factor 2 is folded into the layer that feeds it. conv1x1 keeps its random init; it
 receives gradient as soon as gn.weight leaves zero.
 """
+import functools
 from typing import Collection, Dict, Iterator, Optional, Set, Tuple
 
 import torch
 from torch import nn
-from timm.data import ImageNetInfo
+from timm.data import ImageNetInfo, infer_imagenet_subset
 from timm.models import get_pretrained_cfg
 
 from .errors import CheckpointKeysError, ShapeMismatchError
@@ -25,31 +26,40 @@ __all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'as_variant_state', 'half_
 _SOURCE_FIELDS = ('url', 'file', 'state_dict', 'source', 'architecture', 'tag', 'hf_hub_filename')
 
 
-def _imagenet_labels() -> Dict[str, object]:
-    info = ImageNetInfo('imagenet-1k')
+@functools.lru_cache(maxsize=None)
+def _imagenet_labels(subset: Optional[str]) -> Dict[str, object]:
+    """The label names and descriptions of an ImageNet head (timm's tables: 1k, 12k, 21k, 22k); none for others."""
+    if not subset:
+        return {}
+    info = ImageNetInfo(subset)
     names = info.label_names()
     return {'label_names': names, 'label_descriptions': {n: info.label_name_to_description(n) for n in names}}
 
 
-def _warm_cfg(variant: Variant, labels: Dict[str, object]) -> Dict[str, object]:
-    base = get_pretrained_cfg(f'{variant.base}.{variant.base_tag}').to_dict()
+def _warm_cfg(variant: Variant, tag: str) -> Dict[str, object]:
+    """The cfg of the warm tag ``warm_<tag>``: the base tag's own (data config, head size, labels, license) with the
+    base checkpoint's safetensors as its weights."""
+    base = get_pretrained_cfg(f'{variant.base}.{tag}').to_dict()
+    hub_id = f'timm/{variant.base}.{tag}'
+    labels = _imagenet_labels(infer_imagenet_subset(base) if base.get('num_classes') else None)
     for key in _SOURCE_FIELDS:
         base.pop(key, None)
     return dict(
         base,
-        hf_hub_id=variant.base_hub_id,
+        hf_hub_id=hub_id,
         hf_hub_filename='model.safetensors',  # safetensors only: never fall back to a pickle
         paper_ids='arXiv:2305.13563',
-        description=f'Warm start from {variant.base_hub_id}: EMA layers start as x/2 with the factor 2 folded '
-                    f'into the preceding layer, so logits equal the base model\'s.',
+        description=f'Warm start from {hub_id}: EMA layers start as x/2 with the factor 2 folded into the layer '
+                    f'next to them, so the model computes the base\'s function.',
         **labels,
     )
 
 
 def pretrained_cfgs(family: str) -> Dict[str, Dict[str, object]]:
-    """``{'<variant>.<tag>': cfg}`` for every variant of ``family``, the first tag of each its default."""
-    labels = _imagenet_labels()
-    return {f'{v.name}.{v.warm_tag}': _warm_cfg(v, labels) for v in VARIANTS.values() if v.family == family}
+    """``{'<variant>.warm_<tag>': cfg}`` for every variant of ``family`` and every pretrained tag of its base, the
+    default tag first (timm's default for the variant)."""
+    return {f'{v.name}.warm_{tag}': _warm_cfg(v, tag)
+            for v in VARIANTS.values() if v.family == family for tag in v.base_tags}
 
 
 def _ema_layers(model: nn.Module) -> Iterator[Tuple[str, EMA]]:

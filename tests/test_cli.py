@@ -20,7 +20,7 @@ import pytest
 from ema_hub.engine.output import read_features
 from support.cli import run
 from support.images import BAD, GOOD
-from support.models import LABELS
+from support.models import LABELS, serve_base
 
 
 def _records(proc: subprocess.CompletedProcess) -> List[dict]:
@@ -119,6 +119,15 @@ def test_hub_model_and_offline_cold_cache(inputs: Dict[str, Path], checkpoint: P
     assert proc.returncode == 1 and proc.stdout == ''
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and 'ema-hub download' in lines[0], proc.stderr
+
+
+def test_classify_with_any_warm_tag(inputs: Dict[str, Path], fake_hub, hub_env: Dict[str, str]) -> None:
+    """A warm tag other than the default: that base tag's checkpoint, fetched from the (loopback) Hub."""
+    serve_base(fake_hub, 'resnet18_ema', 'tv_in1k')
+    proc = run('ema-classify', str(inputs['tiny.png']), '--model', 'resnet18_ema.warm_tv_in1k', '-k', '2', '-f',
+               'jsonl', env=hub_env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(_records(proc)[0]['predictions']) == 2
 
 
 @pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])

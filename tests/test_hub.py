@@ -235,6 +235,12 @@ def test_list_variants_rows_and_cache_state(fake_hub):
     hub.download('resnet18_ema')
     cached = {r['model']: r['cached'] for r in hub.list_variants()}
     assert cached.pop('resnet18_ema.warm_a1_in1k') is True and not any(cached.values())
+    # --all: a row per pretrained tag of each base, the default first; top-1 where timm publishes one
+    rows = hub.list_variants(all_tags=True)
+    assert len(rows) == sum(len(timm.list_pretrained(f'{v.base}.*')) for v in VARIANTS.values())
+    by_model = {r['model']: r for r in rows}
+    assert by_model['resnet50_ema.warm_tv2_in1k']['base_top1'] == 79.434 and not by_model['resnet50_ema.warm_tv2_in1k']['default']
+    assert by_model['mobilenetv3_large_100_ema.warm_miil_in21k']['base_top1'] is None
 
 
 def test_describe_variant_without_network():

@@ -12,6 +12,34 @@ from ema_hub.pretrained import as_variant_state, check_state_dict, checkpoint_fi
 from support.models import random_base, rel_err as _rel_err, serve_base
 
 
+def test_every_base_tag_is_a_warm_tag():
+    """Each carries its base tag's data config, head size and labels, and fetches that base checkpoint."""
+    for v in VARIANTS.values():
+        for tag in v.base_tags:
+            cfg = timm.models.get_pretrained_cfg(f'{v.name}.warm_{tag}').to_dict()
+            base = timm.models.get_pretrained_cfg(f'{v.base}.{tag}').to_dict()
+            assert cfg['hf_hub_id'] == f'timm/{v.base}.{tag}' and cfg['hf_hub_filename'] == 'model.safetensors'
+            for key in ('num_classes', 'input_size', 'crop_pct', 'mean', 'std', 'interpolation', 'license'):
+                assert cfg.get(key) == base.get(key), (v.name, tag, key)
+            assert len(cfg.get('label_names') or ()) == (base['num_classes'] if base['num_classes'] in (
+                1000, 11221, 11821, 21841, 21843) else 0), (v.name, tag)
+
+
+@pytest.mark.parametrize('name,tag,classes', [('resnet50_ema', 'tv2_in1k', 1000),
+                                              ('mobilenetv3_large_100_ema', 'miil_in21k', 11221),
+                                              ('resnet50_ema', 'bamboo', 0)])
+def test_other_warm_tags_equal_their_base(fake_hub, name, tag, classes):
+    """Any tag of the base, the head sized as the base's (none for a feature-only base)."""
+    base = serve_base(fake_hub, name, tag)
+    model = timm.create_model(f'{name}.warm_{tag}', pretrained=True).eval()
+    assert model.num_classes == classes
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel_err(model(x), base(x)) <= 1e-5
+    if classes:
+        assert len(hub.class_labels(model)) == classes
+
+
 @pytest.mark.parametrize('name', list(VARIANTS))
 def test_warm_start_equals_base(fake_hub, name):
     base = serve_base(fake_hub, name)

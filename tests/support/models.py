@@ -15,10 +15,10 @@ __all__ = ['LABELS', 'random_base', 'serve_base', 'rel_err', 'trained_ema', 'tin
 LABELS = ['ant', 'bee', 'cat', 'dog', 'eel']
 
 
-def random_base(arch: str, seed: int = 0) -> torch.nn.Module:
+def random_base(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """A base model with random weights and non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = timm.create_model(arch)
+    model = timm.create_model(arch, **kwargs)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -29,11 +29,14 @@ def random_base(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def serve_base(fake_hub, name: str) -> torch.nn.Module:
-    """Put a random base checkpoint where the variant's warm tag fetches it; return the base model."""
+def serve_base(fake_hub, name: str, tag: str = '') -> torch.nn.Module:
+    """Put a random base checkpoint where the variant's warm tag (the default, or ``warm_<tag>``) fetches it, with
+    the head that base tag has; return the base model."""
     v = VARIANTS[name]
-    base = random_base(v.base)
-    fake_hub.add_file(v.base_hub_id, 'model.safetensors', safetensors.torch.save(base.state_dict()))
+    tag = tag or v.base_tag
+    torch.manual_seed(0)
+    base = random_base(v.base, num_classes=timm.models.get_pretrained_cfg(f'{v.base}.{tag}').num_classes)
+    fake_hub.add_file(f'timm/{v.base}.{tag}', 'model.safetensors', safetensors.torch.save(base.state_dict()))
     return base
 
 
