@@ -51,7 +51,8 @@ _CITATION = """\
   archivePrefix = {arXiv},
 }"""
 
-_BLOCK_WORDS = {'resnet': 'every residual block', 'efficientnet': 'its wider blocks, as the paper places it'}
+_BLOCK_WORDS = {'resnet': 'every residual block', 'efficientnet': 'its wider blocks, as the paper places it',
+                'convnext': 'every block'}
 _TRAINED_KEYS = ('top1', 'dataset', 'num_classes')
 _HUB_DATASET = re.compile(r'^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$')
 

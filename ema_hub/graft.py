@@ -23,7 +23,7 @@ from .layers import EMA
 from .pretrained import half_state, warm_start_state_dict
 from .registry import EMA_FACTOR
 
-__all__ = ['add_ema', 'graft_family', 'grafted_layers']
+__all__ = ['add_ema', 'graft_family', 'grafted_layers', 'ChannelsLastEMA']
 
 _HOOK_SCALE = 2.0  # compensates EMA's x/2 start after a submodule whose successor is unknown
 
@@ -33,8 +33,8 @@ def add_ema(model: nn.Module, after: Optional[Sequence[str]] = None, factor: int
     """Graft EMA into ``model`` in place, keeping its function exactly; returns ``model``.
 
     ``after=None``: ``model`` is a timm model of a supported family (ResNet and its D, wide and ResNeXt forms;
-    MobileNetV2, EfficientNet and MobileNetV3, built by timm's EfficientNet builder): EMA in every block at the
-    family's placement (``graft_family``). ``after=['backbone.6', ...]``: any module, EMA after each named
+    MobileNetV2, EfficientNet and MobileNetV3, built by timm's EfficientNet builder; ConvNeXt): EMA in every
+    block at the family's placement (``graft_family``). ``after=['backbone.6', ...]``: any module, EMA after each named
     submodule; its channel count comes from one dry run on zeros of ``input_size`` (C, H, W; default the
     model's ``pretrained_cfg`` input size, else 3 x 64 x 64), in eval mode, with no gradient.
     """
@@ -63,6 +63,7 @@ def graft_family(model: nn.Module, factor: int = EMA_FACTOR) -> str:
     ResNet: every residual block, after its last BatchNorm. timm's EfficientNet builder: the rule of the paper's
     timm fork, EMA after SE (where the block has one) and before the pointwise projection, in an inverted
     residual whose expanded width exceeds 144 and a depthwise-separable block whose width exceeds 320.
+    ConvNeXt: every block, after the MLP and before the layer scale (``ChannelsLastEMA`` in the MLP's last slot).
     """
     blocks = list(_family_blocks(model))
     if not blocks:
@@ -71,13 +72,29 @@ def graft_family(model: nn.Module, factor: int = EMA_FACTOR) -> str:
     for family, block, channels in blocks:
         if channels is None:
             continue  # a block the placement rule leaves out
-        ema = _new_ema(channels, factor, block)
         if family == 'resnet' and block.se is not None:
             raise UsageError(f'{type(block).__name__} already has an attention layer (se); name the layers to '
                              f'add EMA after with after=[...]')
-        # timm's attention slot; after an existing squeeze-excitation in EfficientNet-builder blocks
-        block.se = ema if block.se is None or isinstance(block.se, nn.Identity) else nn.Sequential(block.se, ema)
+        ema = _new_ema(channels, factor, block)
+        if family == 'convnext':  # after the MLP, in its last slot (its dropout), before the layer scale
+            block.mlp.drop2 = ChannelsLastEMA(ema, block.mlp.drop2)
+        else:  # timm's attention slot; after an existing squeeze-excitation in EfficientNet-builder blocks
+            block.se = ema if block.se is None or isinstance(block.se, nn.Identity) else nn.Sequential(block.se, ema)
     return blocks[0][0]
+
+
+class ChannelsLastEMA(nn.Module):
+    """EMA on a channels-last map (N, H, W, C), as ConvNeXt's MLP makes it, then the layer whose slot it took.
+
+    The permutes are views: EMA reads and writes the channels_last layout in place."""
+
+    def __init__(self, ema: EMA, then: nn.Module):
+        super().__init__()
+        self.ema = ema
+        self.then = then
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.then(self.ema(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 def grafted_layers(model: nn.Module) -> List[str]:
@@ -113,9 +130,15 @@ _MIN_DEPTHWISE_SEPARABLE = 320  # DepthwiseSeparableConv: in_chs > 320
 def _family_blocks(model: nn.Module) -> Iterable[Tuple[str, nn.Module, Optional[int]]]:
     """(family, block, the channels EMA gets there or None where the placement leaves the block out)."""
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+    from timm.models.convnext import ConvNeXtBlock
     from timm.models.resnet import BasicBlock, Bottleneck
 
     for module in model.modules():
+        if isinstance(module, ConvNeXtBlock):
+            if module.use_conv_mlp or module.gamma is None:
+                raise UsageError('add_ema knows ConvNeXt blocks with a linear MLP and a layer scale (the '
+                                 'convnext_* models); name the layers to add EMA after with after=[...]')
+            yield 'convnext', module, module.conv_dw.out_channels
         if isinstance(module, (Bottleneck, BasicBlock)):  # EMA's input: bn3 in bottlenecks, bn2 in basic blocks
             yield 'resnet', module, (module.bn3 if hasattr(module, 'bn3') else module.bn2).num_features
         elif isinstance(module, InvertedResidual):

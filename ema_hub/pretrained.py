@@ -86,16 +86,27 @@ def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module,
     fold_into = FAMILIES[family or _family(model)].fold_into
     for name, ema in _ema_layers(model):
         slot = name.rsplit('.', 1)[0] if name.endswith('.1') else name  # EMA after a block's own SE: se.1
-        block = slot.rsplit('.', 1)[0]
         if slot != name:  # the SE's keys move under se.0
             for key in [k for k in state if k.startswith(f'{slot}.')]:
                 state[f'{slot}.0.{key[len(slot) + 1:]}'] = state.pop(key)
-        target = next(f'{block}.{layer}' for layer in fold_into if f'{block}.{layer}.weight' in state)
-        for suffix in ('weight', 'bias'):
-            if f'{target}.{suffix}' in state:
-                state[f'{target}.{suffix}'] = state[f'{target}.{suffix}'] * 2
+        for key in _fold_keys(name, state, fold_into):
+            state[key] = state[key] * 2
         state.update((f'{name}.{key}', value) for key, value in half_state(ema).items())
     return state
+
+
+def _fold_keys(name: str, state: Dict[str, torch.Tensor], fold_into: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The keys the factor 2 multiplies for the EMA layer ``name``: the first of ``fold_into`` that the nearest
+    enclosing block has, a layer (weight and bias) or a parameter (ConvNeXt's layer scale ``gamma``)."""
+    parts = name.split('.')
+    for end in range(len(parts) - 1, 0, -1):
+        block = '.'.join(parts[:end])
+        for layer in fold_into:
+            if f'{block}.{layer}.weight' in state:
+                return tuple(k for k in (f'{block}.{layer}.weight', f'{block}.{layer}.bias') if k in state)
+            if f'{block}.{layer}' in state:
+                return (f'{block}.{layer}',)
+    raise KeyError(f'no {" or ".join(fold_into)} around {name} in the checkpoint')
 
 
 def as_variant_state(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -91,6 +91,23 @@ BASE_RESULTS: Dict[str, Tuple[int, float, float]] = {
     'mobilenetv3_large_100.miil_in21k_ft_in1k': (224, 77.920, 92.894),
     'mobilenetv3_large_100.ra4_e3600_r224_in1k': (224, 76.310, 92.842),
     'mobilenetv3_large_100.ra_in1k': (224, 75.784, 92.528),
+    'convnext_tiny.fb_in1k': (224, 82.066, 95.854),
+    'convnext_tiny.fb_in22k_ft_in1k': (224, 82.900, 96.616),
+    'convnext_tiny.fb_in22k_ft_in1k_384': (384, 84.098, 97.138),
+    'convnext_tiny.in12k_ft_in1k': (224, 84.192, 97.132),
+    'convnext_tiny.in12k_ft_in1k_384': (384, 85.154, 97.634),
+    'convnext_small.fb_in1k': (224, 83.144, 96.432),
+    'convnext_small.fb_in22k_ft_in1k': (224, 84.582, 97.414),
+    'convnext_small.fb_in22k_ft_in1k_384': (384, 85.752, 97.878),
+    'convnext_small.in12k_ft_in1k': (224, 85.164, 97.502),
+    'convnext_small.in12k_ft_in1k_384': (384, 86.186, 97.920),
+    'convnext_base.clip_laion2b_augreg_ft_in12k_in1k': (256, 86.378, 97.976),
+    'convnext_base.clip_laion2b_augreg_ft_in12k_in1k_384': (384, 87.144, 98.228),
+    'convnext_base.clip_laion2b_augreg_ft_in1k': (256, 86.184, 97.674),
+    'convnext_base.clip_laiona_augreg_ft_in1k_384': (384, 86.490, 97.960),
+    'convnext_base.fb_in1k': (224, 83.838, 96.746),
+    'convnext_base.fb_in22k_ft_in1k': (224, 85.814, 97.856),
+    'convnext_base.fb_in22k_ft_in1k_384': (384, 86.826, 98.244),
     'efficientnet_b0.ra4_e3600_r224_in1k': (224, 78.568, 94.340),
     'efficientnet_b0.ra_in1k': (224, 77.698, 93.538),
     'efficientnet_b1.ft_in1k': (224, 77.592, 93.636),
@@ -121,6 +138,11 @@ FAMILIES = {
         fold_into=('conv_pwl', 'conv_pw'),
         fold_words='the pointwise projection after it (`conv_pwl` in inverted residuals, `conv_pw` in '
                    'depthwise-separable blocks, weight)',
+    ),
+    'convnext': Family(
+        placement='in every block, after the MLP and before the layer scale and the residual add',
+        fold_into=('gamma',),
+        fold_words='the layer scale after it (`gamma`)',
     ),
 }
 
@@ -182,6 +204,11 @@ def _resnet(name, base, layers, block, base_tag, params, base_params, gmacs, bas
                     gmacs, base_gmacs)
 
 
+def _convnext(name, base, base_tag, params, base_params, gmacs, base_gmacs):
+    """A ConvNeXt variant: the base as timm builds it, EMA grafted at the family's placement."""
+    return _variant(name, base, 'convnext', {}, base_tag, params, base_params, gmacs, base_gmacs)
+
+
 def _effnet(name, base, base_tag, params, base_params, gmacs, base_gmacs):
     """A variant of timm's EfficientNet builder: the base as timm builds it, EMA grafted at the family's placement."""
     return _variant(name, base, 'efficientnet', {}, base_tag, params, base_params, gmacs, base_gmacs)
@@ -209,6 +236,9 @@ _TABLE: Tuple[Variant, ...] = (
     _effnet('efficientnet_b1_ema', 'efficientnet_b1', 'ra4_e3600_r240_in1k', 7.93, 7.79, 0.88, 0.57),
     _effnet('efficientnet_b2_ema', 'efficientnet_b2', 'ra_in1k', 9.28, 9.11, 1.06, 0.66),
     _effnet('efficientnet_b3_ema', 'efficientnet_b3', 'ra2_in1k', 12.50, 12.23, 1.65, 0.96),
+    _convnext('convnext_tiny_ema', 'convnext_tiny', 'fb_in1k', 28.62, 28.59, 4.61, 4.46),
+    _convnext('convnext_small_ema', 'convnext_small', 'fb_in1k', 50.28, 50.22, 8.99, 8.68),
+    _convnext('convnext_base_ema', 'convnext_base', 'fb_in1k', 88.70, 88.59, 15.89, 15.35),
 )
 
 VARIANTS: Dict[str, Variant] = {v.name: v for v in _TABLE}

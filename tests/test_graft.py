@@ -16,10 +16,13 @@ X = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
 
 
 def _nontrivial_bn(model: nn.Module) -> nn.Module:
-    """Random BatchNorm statistics and affine parameters, so that a wrong fold would show."""
+    """Random BatchNorm statistics and affine parameters (and ConvNeXt layer scales), so that a wrong fold would
+    show."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(getattr(m, 'gamma', None), nn.Parameter):  # timm inits it to 1e-6: blocks near identity
+                m.gamma.normal_(0.5, 0.2, generator=gen)
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.5, generator=gen)
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
@@ -58,7 +61,7 @@ class SmallCNN(nn.Module):
 
 
 @pytest.mark.parametrize('name,layers', [('resnet50d', 16), ('resnet18', 8), ('mobilenetv2_100', 13),
-                                         ('mobilenetv3_large_100', 9), ('efficientnet_b0', 12)])
+                                         ('mobilenetv3_large_100', 9), ('efficientnet_b0', 12), ('convnext_tiny', 18)])
 def test_timm_family_keeps_function(name, layers):
     base = _nontrivial_bn(timm.create_model(name, num_classes=7))
     with torch.no_grad():

@@ -11,6 +11,9 @@ from ema_hub.errors import UnknownModelError
 from ema_hub.reference import with_reference_layers
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from timm.models.convnext import ConvNeXtBlock
+
+from ema_hub.graft import ChannelsLastEMA
 
 NAMES = list(VARIANTS)
 
@@ -43,6 +46,8 @@ def test_default_tag_is_warm_start():
 def _expected_channels(block):
     """The channels EMA gets in ``block`` under its family's placement, or None where it leaves the block out
     (the paper's timm fork: inverted residuals wider than 144, depthwise-separable blocks wider than 320)."""
+    if isinstance(block, ConvNeXtBlock):
+        return block.conv_dw.out_channels
     if isinstance(block, (BasicBlock, Bottleneck)):
         return (block.bn3 if hasattr(block, 'bn3') else block.bn2).num_features
     if isinstance(block, InvertedResidual):
@@ -51,7 +56,10 @@ def _expected_channels(block):
 
 
 def _ema_of(block):
-    """The block's EMA: its attention slot, or after the block's own squeeze-excitation in it."""
+    """The block's EMA: its attention slot, after the block's own squeeze-excitation in it, or (ConvNeXt) the
+    MLP's last slot."""
+    if isinstance(block, ConvNeXtBlock):
+        return block.mlp.drop2.ema if isinstance(block.mlp.drop2, ChannelsLastEMA) else None
     if isinstance(block.se, EMA):
         return block.se
     if isinstance(block.se, torch.nn.Sequential) and isinstance(block.se[-1], EMA):
@@ -63,7 +71,7 @@ def _ema_of(block):
 def test_placement_and_parameters(name):
     v = VARIANTS[name]
     model, base = timm.create_model(name, device='meta'), timm.create_model(v.base, device='meta')
-    kinds = (BasicBlock, Bottleneck, InvertedResidual, DepthwiseSeparableConv)
+    kinds = (BasicBlock, Bottleneck, InvertedResidual, DepthwiseSeparableConv, ConvNeXtBlock)
     blocks = [m for m in model.modules() if isinstance(m, kinds)]
     base_blocks = [m for m in base.modules() if isinstance(m, kinds)]
     emas = [m for m in model.modules() if isinstance(m, EMA)]
@@ -141,7 +149,8 @@ def test_create_model_kwargs(name):
     out = model(torch.randn(2, 1, 64, 48))
     assert out.shape == (2, 7)
     out.sum().backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if '.se.' in n and 'conv3x3' in n)
+    emas = [m for m in model.modules() if isinstance(m, EMA)]
+    assert emas and all(m.conv3x3.weight.grad is not None for m in emas)
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -1,2 +1,2 @@
 """EMA variants registered with timm: importing this package makes them available to ``timm.create_model``."""
-from . import efficientnet, grafted, resnet
+from . import convnext, efficientnet, grafted, resnet

@@ -4,26 +4,15 @@ convolution where a block has none, before the pointwise projection, in the inve
 (and depthwise-separable blocks wider than 320). Each is the base as timm builds it, with EMA grafted in.
 Expanded widths the factor does not divide (240, 672, ...) follow ``ema_hub.layers.ema_groups``.
 """
-import timm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ..graft import graft_family
-from ..pretrained import checkpoint_filter_fn, loads_weights, pretrained_cfgs
-from ..registry import VARIANTS
+from ..pretrained import pretrained_cfgs
+from .grafted import build_grafted_variant
 
 
 def _create_effnet_ema(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    base = VARIANTS[variant].base
-
-    def build(**model_kwargs) -> nn.Module:
-        model = timm.create_model(base, **model_kwargs)
-        graft_family(model)
-        return model
-
-    pretrained = loads_weights(pretrained, kwargs.get('pretrained_cfg'))
-    return build_model_with_cfg(build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+    return build_grafted_variant(variant, pretrained, default_feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs('efficientnet'))

@@ -1,4 +1,5 @@
-"""``ema_grafted``: any timm model with EMA grafted in by ``ema_hub.add_ema``, as a timm architecture.
+"""Models built by grafting: ``build_grafted_variant`` for the registry's graft-built variants, and ``ema_grafted``:
+any timm model with EMA grafted in by ``ema_hub.add_ema``, as a timm architecture.
 
 ``timm.create_model('ema_grafted', base='convnext_tiny.fb_in22k_ft_in1k', pretrained=True)`` builds the base
 with its pretrained weights and grafts EMA (the function unchanged); ``after`` and ``factor`` are add_ema's.
@@ -12,12 +13,29 @@ import timm
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
-from ..graft import add_ema
-from ..pretrained import loads_weights
-from ..registry import EMA_FACTOR
+from ..graft import add_ema, graft_family
+from ..pretrained import checkpoint_filter_fn, loads_weights
+from ..registry import EMA_FACTOR, VARIANTS
 from ..specs import CHECKPOINT_SOURCES
 
 ARCHITECTURE = 'ema_grafted'
+
+
+def build_grafted_variant(variant: str, pretrained: bool = False, default_feature_cfg=None,
+                          **kwargs) -> nn.Module:
+    """A registry variant built as its timm base with EMA grafted at the family's placement (``graft_family``);
+    its pretrained weights go through the warm start (``checkpoint_filter_fn``)."""
+    base = VARIANTS[variant].base
+
+    def build(**model_kwargs) -> nn.Module:
+        model = timm.create_model(base, **model_kwargs)
+        graft_family(model)
+        return model
+
+    pretrained = loads_weights(pretrained, kwargs.get('pretrained_cfg'))
+    feature_cfg = dict(default_feature_cfg or {}, **kwargs.pop('feature_cfg', None) or {})  # the caller's win
+    return build_model_with_cfg(build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=feature_cfg, **kwargs)
 
 
 @register_model
@@ -28,7 +46,8 @@ def ema_grafted(pretrained: bool = False, base: str = 'resnet50', after: Optiona
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
     kwargs.pop('cache_dir', None)
     after = list(after) if after is not None else None
-    source = pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'source', None)
+    source = (pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict)
+              else getattr(pretrained_cfg, 'source', None))
     if source in CHECKPOINT_SOURCES:  # a saved grafted model: its weights have EMA's
         def graft(**model_kwargs) -> nn.Module:
             return add_ema(timm.create_model(base, **model_kwargs), after, factor)
