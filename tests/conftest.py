@@ -13,6 +13,16 @@ import pytest
 
 from support.hub_server import FakeHub, client_env, use_fake_hub
 
+# Under pytest-xdist each worker keeps to a core of its own, and so do the processes it starts (the package sizes
+# its threads and decoders to this process's share of the cores): workers with a thread per core each would
+# oversubscribe CI's two cores several times over.
+_WORKER = os.environ.get('PYTEST_XDIST_WORKER')
+if _WORKER and hasattr(os, 'sched_setaffinity'):
+    _cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_cpus[int(_WORKER.removeprefix('gw')) % len(_cpus)]})
+    import torch
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope='session')
 def _no_real_hub(tmp_path_factory) -> Iterator[None]:

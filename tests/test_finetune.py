@@ -183,7 +183,7 @@ def test_add_ema_grafts_any_timm_model_end_to_end(small_digits, fake_hub, hub_en
     base = random_base('resnet18')
     fake_hub.add_file('timm/resnet18.a1_in1k', 'model.safetensors', safetensors.torch.save(base.state_dict()))
     out = tmp_path / 'grafted'
-    proc = run('ema-hub', 'finetune', 'resnet18.a1_in1k', str(small_digits), '--add-ema', '--epochs', '2',
+    proc = run('ema-hub', 'finetune', 'resnet18.a1_in1k', str(small_digits), '--add-ema', '--epochs', '1',
                '--img-size', '32', '--hflip', '0', '--output', str(out), env=hub_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / 'config.json').read_text())

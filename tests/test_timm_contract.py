@@ -1,14 +1,14 @@
 """timm's model contract for the EMA variants: the checks of timm's own tests/test_models.py, replicated with
 stronger oracles.
 
-CI runs timm's own tests/test_models.py on every variant (``.ci/run``: from the source distribution of the
-installed timm, meta device included). Here the same checks run on one variant per kind of block EMA sits in
-(``NAMES``: a basic block, a bottleneck, inverted residuals with and without squeeze-excitation, a ConvNeXt
-block), compared with the eager model where timm only asks for shapes; torch.compile and torch.export run on
-resnet50_ema. Each test names the timm test it mirrors. Where timm only asserts shapes and the absence of NaNs
-(TorchScript, FX + TorchScript) the eager model is the oracle here, and where timm's contract is silent on
-something EMA could break (EMA parameters' gradients, whether grad checkpointing really recomputes,
-features_only keeping EMA) the test says so.
+CI runs timm's own tests/test_models.py on one variant per model class and kind of block (``.ci/run``: from the
+source distribution of the installed timm, meta device included). Here the same checks run on one variant per
+kind of block EMA sits in (``NAMES``: a basic block, a bottleneck, inverted residuals with and without
+squeeze-excitation, a ConvNeXt block), compared with the eager model where timm only asks for shapes;
+torch.compile and torch.export run on resnet50_ema. Each test names the timm test it mirrors. Where timm only
+asserts shapes and the absence of NaNs (TorchScript, FX + TorchScript) the eager model is the oracle here, and
+where timm's contract is silent on something EMA could break (EMA parameters' gradients, whether grad
+checkpointing really recomputes, features_only keeping EMA) the test says so.
 
 Weights: timm's ResNet init makes every EMA layer of a ResNet see zeros (see ``_create``), so comparisons run
 on "non-trivial" weights; timm's own init is still checked where timm checks it (forward, backward).

@@ -153,14 +153,20 @@ def test_create_model_kwargs(name):
     assert emas and all(m.conv3x3.weight.grad is not None for m in emas)
 
 
+# Materializing a meta model takes the same path in every variant of a family: checked on the smallest of each.
+MATERIALIZED = {'resnet18_ema', 'resnet50_ema', 'mobilenetv2_100_ema', 'efficientnet_b0_ema', 'convnext_tiny_ema'}
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_meta_device(name):
     """Built on the meta device and run there (shapes only, through the operators' fake implementations), as
-    timm's own tests do; materialized, it computes."""
+    timm's own tests do; materialized (``MATERIALIZED``), it computes."""
     model = timm.create_model(name, device='meta', num_classes=3)
     assert all(p.device.type == 'meta' for p in model.parameters())
     out = model(torch.empty(2, 3, 64, 48, device='meta'))
     assert out.device.type == 'meta' and out.shape == (2, 3)
+    if name not in MATERIALIZED:
+        return
     # materialized as timm does it: empty storage, the checkpoint, then the computed buffers
     torch.manual_seed(0)
     ref = timm.create_model(name, num_classes=3).eval()
