@@ -34,9 +34,9 @@ def add_ema(model: nn.Module, after: Optional[Sequence[str]] = None, factor: int
 
     ``after=None``: ``model`` is a timm model of a supported family (ResNet and its D, wide and ResNeXt forms;
     MobileNetV2, EfficientNet and MobileNetV3, built by timm's EfficientNet builder; ConvNeXt): EMA in every
-    block at the family's placement (``graft_family``). ``after=['backbone.6', ...]``: any module, EMA after each named
-    submodule; its channel count comes from one dry run on zeros of ``input_size`` (C, H, W; default the
-    model's ``pretrained_cfg`` input size, else 3 x 64 x 64), in eval mode, with no gradient.
+    block at the family's placement (``graft_family``). ``after=['backbone.6', ...]``: any module, EMA after
+    each named submodule; its channel count comes from one dry run on zeros of ``input_size`` (C, H, W;
+    default the model's ``pretrained_cfg`` input size, else 3 x 64 x 64), in eval mode, with no gradient.
     """
     if after is None:
         base = model.state_dict()

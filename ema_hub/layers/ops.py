@@ -43,13 +43,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _HALF else x.dtype
 
 
-def _new_output(x: Tensor, keep_layout: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """The output's buffer: x's layout where kept (the inference operator, and everything on CUDA, where the
-    kernels read and write channels_last in place), else contiguous (the training operator on the CPU, whose
-    backward works on the grouped contiguous layout). x's layout is channels_last or contiguous, decided the
-    same way for real and fake (symbolic) tensors, which ``empty_like``'s preserve-format is not."""
+def _output_format(x: Tensor, keep_layout: bool) -> torch.memory_format:
+    """The output's layout, which the CPU kernel also reads x in: x's where kept (the inference operator, and
+    everything on CUDA, where the kernels read and write channels_last in place), else contiguous (the training
+    operator on the CPU, whose backward works on the grouped contiguous layout). x's layout is channels_last or
+    contiguous, decided the same way for real and fake (symbolic) tensors, which ``empty_like``'s
+    preserve-format is not."""
     keep = _channels_last(x) and (keep_layout or x.device.type == 'cuda')
-    return torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last if keep else torch.contiguous_format)
+    return torch.channels_last if keep else torch.contiguous_format
+
+
+def _new_output(x: Tensor, keep_layout: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return torch.empty_like(x, dtype=dtype, memory_format=_output_format(x, keep_layout))
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -58,14 +63,6 @@ def _channels_last(x: Tensor) -> bool:
     no."""
     from torch.fx.experimental.symbolic_shapes import guard_or_false
     return x.dim() == 4 and guard_or_false(x.stride(1) == 1) and not guard_or_false(x.stride(3) == 1)
-
-
-def _kernel_layout(out: Tensor) -> Optional[torch.memory_format]:
-    """The layout the CPU kernel reads x in and writes ``out`` in, in place: contiguous or channels_last; None
-    for any other."""
-    if out.is_contiguous():
-        return torch.contiguous_format
-    return torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) else None
 
 
 def triton_kernels(x: Tensor) -> bool:
@@ -83,9 +80,9 @@ def _run(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Ten
     p = Params(*(t.detach().to(dtype) for t in (w1, b1, gamma, beta, w3, b3)))
     # Not a view of a grouped buffer: an operator's output that is a view cannot be modified in place by
     # autograd's rules (a residual `+=` after the layer)
-    out = _new_output(x, keep_layout, dtype)
-    layout = _kernel_layout(out)
-    if native.supports(x, list(p)) and layout is not None:
+    layout = _output_format(x, keep_layout)
+    out = torch.empty_like(x, dtype=dtype, memory_format=layout)
+    if native.supports(x, list(p)):
         gate, pooled, edges, sums = native.forward(x.contiguous(memory_format=layout), groups, p, eps, out)
     else:
         gx = grouped(x, groups).to(dtype).contiguous()
