@@ -158,3 +158,30 @@ def test_every_vector_width_computes_the_same(monkeypatch, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=lambda m: f'{width}: {m}')
     monkeypatch.undo()
     native._library.cache_clear()
+
+
+@pytest.mark.parametrize('b,c,h,w,factor', [
+    (2, 256, 9, 11, 32),  # 8 channels a group, blocks of 4 groups, rows longer than eight pixels
+    (1, 128, 5, 3, 8),    # 16 a group, blocks of 2, rows shorter than eight
+    (3, 24, 6, 4, 3),     # 8 a group, 3 groups: a block of 3
+    (1, 128, 7, 7, 2),    # 64 a group, one group a block
+    (2, 64, 1, 1, 8),     # a 1x1 map
+    (1, 96, 6, 5, 32),    # 3 a group: the channel-map path
+])
+def test_channels_last_equals_contiguous(b, c, h, w, factor):
+    """The forward reads and writes channels_last maps in place (pixel by pixel, a block of groups at a time,
+    when a group's channels are a multiple of 8): the output and every statistic equal the contiguous input's."""
+    torch.manual_seed(0)
+    layer = EMA(c, factor)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+    params = algebra.Params(*(p.detach() for p in layer.params()))
+    x = torch.randn(b, c, h, w) * 2 + 0.5
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out, out_cl = torch.empty_like(x), torch.empty_like(x_cl)
+    stats = native.forward(x, layer.groups, params, layer.gn.eps, out)
+    stats_cl = native.forward(x_cl, layer.groups, params, layer.gn.eps, out_cl)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    for name, got, want in zip(['out', 'gate', 'pooled', 'edges', 'sums'], (out_cl, *stats_cl), (out, *stats)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f'{name}: {m}')

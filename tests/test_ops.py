@@ -94,6 +94,28 @@ def test_compiled_channels_last_network(kernel_calls, dynamic):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
+def test_compiled_network_hands_the_kernel_its_layout(monkeypatch):
+    """torch.compile turns a network's convolutions channels_last on the CPU (inductor's layout optimisation)
+    although eager mode ran it contiguous; the inference operator's layout is flexible, so the kernel reads those
+    maps in place instead of getting a copy in the traced layout (a transposing pass per layer)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), _layer(),
+                              torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), _layer(),
+                              torch.nn.Conv2d(64, 8, 1)).eval()
+    layouts = []
+    forward = native.forward
+    monkeypatch.setattr(native, 'forward', lambda x, *a: layouts.append(
+        'channels_last' if x.is_contiguous(memory_format=torch.channels_last) else 'contiguous') or forward(x, *a))
+    x = torch.randn(2, 3, 12, 10)
+    with torch.no_grad():
+        want = net(x)
+        assert layouts == ['contiguous'] * 2
+        layouts.clear()
+        got = torch.compile(net, fullgraph=True)(x)
+    assert layouts == ['channels_last'] * 2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
 def test_export_keeps_the_operator(tmp_path, kernel_calls):
     """torch.export records the operator (the inference one without grad), the .pt2 file loads back (with ema_hub
     imported) and runs the kernel."""

@@ -170,6 +170,62 @@ static long scratch_floats(long c, long h, long w) {
     return scratch_layout(c, h, w, NULL, &S);
 }
 
+/* Step 4 of both forwards: s2 = softmax(edges . taps_e / P + b3) into s2, then k (as _coefficients); returns the
+   constant of cross. */
+static float coefficients(const Args *A, const Shared *S, const float *edges, const float *sums,
+                          const float *squares, long P, float *s2, float *k) {
+    const long c = A->c;
+    float mx = -INFINITY;
+    for (long o0 = 0; o0 < c; o0 += VL) {
+        vf l[4] = {{0}, {0}, {0}, {0}};
+        const float *te = S->taps_et + o0 * c * 9;
+        long t = 0;
+        for (; t + 4 <= c * 9; t += 4)
+            for (long r = 0; r < 4; r++) l[r] += edges[t + r] * *(const vf *)(te + (t + r) * VL);
+        for (; t < c * 9; t++) l[0] += edges[t] * *(const vf *)(te + t * VL);
+        const vf lsum = (l[0] + l[1]) + (l[2] + l[3]);
+        float tmp[VL];
+        memcpy(tmp, &lsum, sizeof tmp);
+        const long no = c - o0 < VL ? c - o0 : VL;
+        for (long j = 0; j < no; j++) {
+            const long o = o0 + j;
+            s2[o] = tmp[j] / (float)P + A->b3[o];
+            mx = s2[o] > mx ? s2[o] : mx;
+        }
+    }
+    float den = 0.f;
+    for (long o = 0; o < c; o++) den += s2[o] = expf(s2[o] - mx);
+    float bias = S->const3;
+    for (long o = 0; o < c; o++) {
+        s2[o] /= den;
+        const float mu = sums[o] / P;
+        float var = squares[o] / P - mu * mu;
+        var = var > 0.f ? var : 0.f;
+        const float rstd = 1.0f / sqrtf(var + A->eps);
+        k[o] = s2[o] * A->gamma[o] * rstd;
+        bias += s2[o] * (A->beta[o] - A->gamma[o] * mu * rstd);
+    }
+
+    return bias;
+}
+
+/* Step 2 of both forwards: gates (c, L) = sigmoid(w1 @ pooled + b1). */
+static void gates_of(const Args *A, const Shared *S, const float *pooled, long L, float *gates) {
+    const long c = A->c;
+    matmul_t(S->w1t, c, c, pooled, L, gates);
+    for (long o = 0; o < c; o++)
+        for (long t = 0; t < L; t++) gates[o * L + t] += S->b1p[o];
+    sigmoid_inplace(gates, c * L);
+}
+
+/* The shift of _shift for one channel, from its gates and row means. */
+static float shift_of(const float *gh, const float *gw, const float *rows, long H, long W) {
+    float sh = 0.f, sw = 0.f;
+    for (long i = 0; i < H; i++) sh += gh[i] * rows[i];
+    for (long j = 0; j < W; j++) sw += gw[j];
+    return (sh / H) * (sw / W);
+}
+
 static void group_forward(const Args *A, const Shared *S, long g, float *scratch) {
     const long c = A->c, H = A->h, W = A->w, P = H * W, L = H + W, Wp = W + 2;
     /* Channels_last: group g's pixel p is the c floats at x[p * ps] (likewise in out). */
@@ -245,10 +301,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     }
 
     /* 2. gates = sigmoid(w1 @ pooled + b1). */
-    matmul_t(S->w1t, c, c, pooled, L, gates);
-    for (long o = 0; o < c; o++)
-        for (long t = 0; t < L; t++) gates[o * L + t] += S->b1p[o];
-    sigmoid_inplace(gates, c * L);
+    gates_of(A, S, pooled, L, gates);
 
     /* 3. a - shift (the shift of _shift), into apad, and its sum and sum of squares. Whole vectors along each
        padded row, lanes past its end masked (stored as zeros, overwritten by the next row), summed in vector
@@ -259,10 +312,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     for (long j = 0; j < Wq; j++) rowmask[j] = j < Wp ? -1 : 0;
     for (long ch = 0; ch < c; ch++) {
         const float *gh = gates + ch * L, *gw = gh + H, *rows = pooled + ch * L;
-        float sh = 0.f, sw = 0.f;
-        for (long i = 0; i < H; i++) sh += gh[i] * rows[i];
-        for (long j = 0; j < W; j++) sw += gw[j];
-        const float shift = (sh / H) * (sw / W);
+        const float shift = shift_of(gh, gw, rows, H, W);
         for (long j = 0; j < Wq; j++) {  /* the w-gate and the shift along a padded row, zero on the padding */
             const int inside = j >= 1 && j <= W;
             gwq[j] = inside ? gw[j - 1] : 0.f;
@@ -284,37 +334,8 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
         squares[ch] = hsum(qv);
     }
 
-    /* 4. s2 = softmax(edges . taps_e / P + b3), then k and the constant (as _coefficients). */
-    float mx = -INFINITY;
-    for (long o0 = 0; o0 < c; o0 += VL) {
-        vf l[4] = {{0}, {0}, {0}, {0}};
-        const float *te = S->taps_et + o0 * c * 9;
-        long t = 0;
-        for (; t + 4 <= c * 9; t += 4)
-            for (long r = 0; r < 4; r++) l[r] += edges[t + r] * *(const vf *)(te + (t + r) * VL);
-        for (; t < c * 9; t++) l[0] += edges[t] * *(const vf *)(te + t * VL);
-        const vf lsum = (l[0] + l[1]) + (l[2] + l[3]);
-        float tmp[VL];
-        memcpy(tmp, &lsum, sizeof tmp);
-        const long no = c - o0 < VL ? c - o0 : VL;
-        for (long j = 0; j < no; j++) {
-            const long o = o0 + j;
-            s2[o] = tmp[j] / (float)P + A->b3[o];
-            mx = s2[o] > mx ? s2[o] : mx;
-        }
-    }
-    float den = 0.f;
-    for (long o = 0; o < c; o++) den += s2[o] = expf(s2[o] - mx);
-    float bias = S->const3;
-    for (long o = 0; o < c; o++) {
-        s2[o] /= den;
-        const float mu = sums[o] / P;
-        float var = squares[o] / P - mu * mu;
-        var = var > 0.f ? var : 0.f;
-        const float rstd = 1.0f / sqrtf(var + A->eps);
-        k[o] = s2[o] * A->gamma[o] * rstd;
-        bias += s2[o] * (A->beta[o] - A->gamma[o] * mu * rstd);
-    }
+    /* 4. s2, k and the constant. */
+    const float bias = coefficients(A, S, edges, sums, squares, P, s2, k);
 
     /* 5. cross = bias + k . a + the 3x3 correlation of x with taps_mix. First the nine tap maps over the padded
        layout, z_t = sum_ch taps_mix[t][ch] x_ch (the centre tap's also takes k . a), VL pixels at a time in
@@ -363,6 +384,192 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     }
 }
 
+/* channels_last with c a multiple of 8: the same steps pixel by pixel, each pixel's c channels as vectors of 8
+   floats, read and written in place; transposing each group into channel maps, as group_forward does, cost
+   more than the rest of the layer. */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+typedef int v8i __attribute__((vector_size(32)));
+
+/* The lane sums of eight vectors, as one vector: three rounds of pairwise shuffles and adds. */
+static inline v8 sum8(const v8 *a) {
+    const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+    const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8 p[4], q[2];
+    for (int i = 0; i < 4; i++)
+        p[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) + __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
+    for (int i = 0; i < 2; i++)
+        q[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], lo2) + __builtin_shuffle(p[2 * i], p[2 * i + 1], hi2);
+    return __builtin_shuffle(q[0], q[1], lo4) + __builtin_shuffle(q[0], q[1], hi4);
+}
+
+/* A block of m consecutive groups of one sample is one task: each pixel's m * c channels (128 bytes at most
+   block sizes) are read and written as one contiguous run, which the hardware's prefetcher follows; a group
+   alone reads a fraction of each cache line, C floats apart. */
+static long block_groups(const Args *A) {
+    long m = 32 / A->c < 1 ? 1 : 32 / A->c;
+    while (A->groups % m) m--;
+    return m;
+}
+
+typedef struct {
+    float *xq;                       /* (m, (H + 2) (W + 2) + 16, c): each group's x pixel-major, zero border */
+    float *rows, *cols;              /* (m c), (W, m c): row and column sums */
+    float *gates;                    /* (c, L) */
+    float *gq;                       /* (L + 16, c): gates pixel-major */
+    float *shift, *k, *s2;           /* (c) each */
+} ScratchCL;
+
+static long scratch_layout_cl(long m, long c, long h, long w, float *base, ScratchCL *S) {
+    long used = 0;
+    S->xq = carve(base, &used, m * ((h + 2) * (w + 2) + 16) * c);
+    S->rows = carve(base, &used, m * c);
+    S->cols = carve(base, &used, w * m * c);
+    S->gates = carve(base, &used, c * (h + w));
+    S->gq = carve(base, &used, (h + w + 16) * c);
+    S->shift = carve(base, &used, c);
+    S->k = carve(base, &used, c);
+    S->s2 = carve(base, &used, c);
+    return used;
+}
+
+#define V8(p) (*(v8 *)(p))
+#define CV8(p) (*(const v8 *)(p))
+
+/* One group's steps 2 to 5, its x in xq (pixel-major, zero border) and its pooled means and edge sums made:
+   leaves the gate (sigmoid(cross)) in A->gate and the sums in A->sums. */
+static void group_cross_cl(const Args *A, const Shared *S, long g, const float *xq, ScratchCL *T) {
+    const long c = A->c, H = A->h, W = A->w, P = H * W, L = H + W, Wp = W + 2;
+    float *pooled = A->pooled + g * c * L, *edges = A->edges + g * c * 9, *gate = A->gate + g * P;
+    float *sums = A->sums + g * c, *squares = A->sums + A->n * c + g * c, *gq = T->gq;
+#define XQ(i, j) (xq + ((i) * Wp + (j)) * c)  /* padded pixel (i, j): image pixel (i - 1, j - 1) */
+
+    /* 2. The gates, then pixel-major in gq, and the shifts. */
+    gates_of(A, S, pooled, L, T->gates);
+    for (long ch = 0; ch < c; ch++) {
+        const float *gc = T->gates + ch * L;
+        for (long t = 0; t < L; t++) gq[t * c + ch] = gc[t];
+        T->shift[ch] = shift_of(gc, gc + H, pooled + ch * L, H, W);
+    }
+
+    /* 3. The sums of a - shift and of its square, a = x * h-gate * w-gate, eight channels at a time. */
+    for (long v = 0; v < c; v += 8) {
+        v8 sv = {0}, qv = {0};
+        const v8 shv = CV8(T->shift + v);
+        for (long i = 0; i < H; i++) {
+            const v8 ghv = CV8(gq + i * c + v);
+            for (long j = 0; j < W; j++) {
+                const v8 av = CV8(XQ(i + 1, j + 1) + v) * ghv * CV8(gq + (H + j) * c + v) - shv;
+                sv += av;
+                qv += av * av;
+            }
+        }
+        V8(sums + v) = sv;
+        V8(squares + v) = qv;
+    }
+
+    /* 4. s2, k and the constant. */
+    const float bias = coefficients(A, S, edges, sums, squares, P, T->s2, T->k);
+
+    /* 5. cross = bias + k . (a - shift) + the 3x3 correlation of x with taps_mix into the gate, eight channels
+       by eight pixels of a row at a time: each pixel's sum over the channels in a vector, the eight summed
+       across at once (sum8); lanes past the row's end read the padding and the next row, and are not stored. */
+    for (long v = 0; v < c; v += 8) {
+        const v8 kv = CV8(T->k + v), shv = CV8(T->shift + v);
+        v8 tv[9];
+        for (int t = 0; t < 9; t++) tv[t] = CV8(S->taps_mix + t * c + v);
+        for (long i = 0; i < H; i++) {
+            const float *x0 = XQ(i, 0) + v, *x1 = XQ(i + 1, 0) + v, *x2 = XQ(i + 2, 0) + v;
+            const float *gw = gq + H * c + v;
+            const v8 ghv = CV8(gq + i * c + v);
+            float *row = gate + i * W;
+            for (long j0 = 0; j0 < W; j0 += 8) {
+                v8 acc[8];
+                for (long l = 0; l < 8; l++) {
+                    const long o = (j0 + l) * c;
+                    acc[l] = kv * (CV8(x1 + o + c) * ghv * CV8(gw + o) - shv)
+                             + tv[0] * CV8(x0 + o) + tv[1] * CV8(x0 + o + c) + tv[2] * CV8(x0 + o + 2 * c)
+                             + tv[3] * CV8(x1 + o) + tv[4] * CV8(x1 + o + c) + tv[5] * CV8(x1 + o + 2 * c)
+                             + tv[6] * CV8(x2 + o) + tv[7] * CV8(x2 + o + c) + tv[8] * CV8(x2 + o + 2 * c);
+                }
+                float part[8];
+                const v8 sum = sum8(acc);
+                memcpy(part, &sum, sizeof part);
+                const long nj = W - j0 < 8 ? W - j0 : 8;
+                for (long l = 0; l < nj; l++) row[j0 + l] = (v ? row[j0 + l] : bias) + part[l];
+            }
+        }
+    }
+    sigmoid_inplace(gate, P);
+#undef XQ
+}
+
+/* channels_last with c a multiple of 8: the forward of block `blk` (m groups) pixel by pixel, each pixel's
+   channels as vectors of 8 floats, x read and out written in place; transposing each group into channel maps,
+   as group_forward does, cost more than the rest of the layer. */
+static void block_forward_cl(const Args *A, const Shared *S, long m, long blk, float *scratch) {
+    const long c = A->c, H = A->h, W = A->w, P = H * W, L = H + W, Wp = W + 2, ps = c * A->groups, mc = m * c;
+    const long g0 = blk * m, at = (g0 / A->groups) * P * ps + (g0 % A->groups) * c;
+    const float *x = A->x + at;
+    float *out = A->out + at;
+    ScratchCL T;
+    scratch_layout_cl(m, c, H, W, scratch, &T);
+    const long xqs = ((H + 2) * Wp + 16) * c;  /* one group's xq */
+    float *rows = T.rows, *cols = T.cols;
+
+    /* 1. x into each group's xq, row and column sums; then each group's edge sums and pooled means. */
+    memset(cols, 0, (size_t)(W * mc) * sizeof(float));
+    for (long i = 0; i < H; i++) {
+        memset(rows, 0, (size_t)mc * sizeof(float));
+        for (long j = 0; j < W; j++) {
+            const float *px = x + (i * W + j) * ps;
+            __builtin_prefetch(px + 8 * ps);
+            __builtin_prefetch(px + 8 * ps + mc - 1);
+            float *col = cols + j * mc, *dst = T.xq + ((i + 1) * Wp + j + 1) * c;
+            for (long gi = 0; gi < m; gi++)
+                for (long v = 0; v < c; v += 8) {
+                    const long u = gi * c + v;
+                    const v8 xv = CV8(px + u);
+                    V8(dst + gi * xqs + v) = xv;
+                    V8(rows + u) += xv;
+                    V8(col + u) += xv;
+                }
+        }
+        for (long u = 0; u < mc; u++) A->pooled[((g0 + u / c) * c + u % c) * L + i] = rows[u];
+    }
+    for (long j = 0; j < W; j++)
+        for (long u = 0; u < mc; u++) A->pooled[((g0 + u / c) * c + u % c) * L + H + j] = cols[j * mc + u];
+    for (long u = 0; u < mc; u++) {
+        const long g = g0 + u / c, ch = u % c;
+        const float *xq = T.xq + (u / c) * xqs + ch;
+        float *r = A->pooled + (g * c + ch) * L, *e = A->edges + (g * c + ch) * 9, total = 0.f;
+        for (long i = 0; i < H; i++) total += r[i];
+        e[0] = total; e[1] = r[0]; e[2] = r[H - 1]; e[3] = r[H]; e[4] = r[L - 1];
+        e[5] = xq[(Wp + 1) * c]; e[6] = xq[(Wp + W) * c]; e[7] = xq[(H * Wp + 1) * c]; e[8] = xq[(H * Wp + W) * c];
+        const float rw = 1.0f / (float)W, rh = 1.0f / (float)H;
+        for (long i = 0; i < H; i++) r[i] *= rw;
+        for (long j = H; j < L; j++) r[j] *= rh;
+    }
+
+    /* 2-5, per group. */
+    for (long gi = 0; gi < m; gi++) group_cross_cl(A, S, g0 + gi, T.xq + gi * xqs, &T);
+
+    /* 6. out = x * gate, each pixel's m * c channels in one run. */
+    const float *gate = A->gate + g0 * P;
+    for (long i = 0; i < H; i++)
+        for (long j = 0; j < W; j++) {
+            const long p = i * W + j, q = ((i + 1) * Wp + j + 1) * c;
+            float *po = out + p * ps;
+            __builtin_prefetch(po + 8 * ps, 1);
+            __builtin_prefetch(po + 8 * ps + mc - 1, 1);
+            for (long gi = 0; gi < m; gi++) {
+                const float gp = gate[gi * P + p], *src = T.xq + gi * xqs + q;
+                for (long v = 0; v < c; v += 8) V8(po + gi * c + v) = CV8(src + v) * gp;
+            }
+        }
+}
+
 typedef struct { const Args *A; const Shared *S; } Context;
 
 static void group_forward_ctx(const void *ctx, long g, float *scratch) {
@@ -370,12 +577,27 @@ static void group_forward_ctx(const void *ctx, long g, float *scratch) {
     group_forward(C->A, C->S, g, scratch);
 }
 
+typedef struct { const Args *A; const Shared *S; long m; } BlockContext;
+
+static void block_forward_cl_ctx(const void *ctx, long blk, float *scratch) {
+    const BlockContext *C = ctx;
+    block_forward_cl(C->A, C->S, C->m, blk, scratch);
+}
+
 /* Returns 0, or 1 when memory ran out (the outputs are then incomplete). */
 int ema_forward(const Args *A) {
     Shared S;
     if (shared_init(A, &S)) return 1;
     const Context C = {A, &S};
-    const int failed = for_each_group(A->n, A->threads, scratch_floats(A->c, A->h, A->w), group_forward_ctx, &C);
+    int failed;
+    if (A->channels_last && A->c % 8 == 0) {
+        const BlockContext B = {A, &S, block_groups(A)};
+        ScratchCL T;
+        failed = for_each_group(A->n / B.m, A->threads, scratch_layout_cl(B.m, A->c, A->h, A->w, NULL, &T),
+                                block_forward_cl_ctx, &B);
+    } else {
+        failed = for_each_group(A->n, A->threads, scratch_floats(A->c, A->h, A->w), group_forward_ctx, &C);
+    }
     free(S.w1t);
     return failed;
 }

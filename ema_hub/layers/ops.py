@@ -111,7 +111,9 @@ def _forward_cuda(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor
     return _forward(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)
 
 
-@torch.library.custom_op('ema_hub::ema', mutates_args=())
+# flexible_layout: inductor hands over x in the layout it chose (channels_last between its convolutions), which
+# the kernel reads in place, instead of copying it into the layout the graph was traced with.
+@torch.library.custom_op('ema_hub::ema', mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def ema(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Tensor, b3: Tensor, tap_edges: Tensor,
         groups: int, eps: float) -> Tensor:
     """EMA for inference: ``ema_forward``'s output alone, in x's layout (torch.compile hands channels_last
