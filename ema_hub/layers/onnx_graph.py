@@ -6,10 +6,14 @@ runtime) without this package. The function is the paper's, with ``algebra``'s i
 written for onnxruntime, which runs each node as a pass over memory:
 
 * gn(a) as InstanceNormalization (one node, a two-pass variance that does not cancel in float32), weighted by
-  s2 in one MatMul; s2 from the nine edge sums; s1 . conv3x3(x) as a depthwise convolution with the
-  s1-weighted taps, summed over channels (onnxruntime runs it several times faster than a convolution with
-  one output channel);
-* no indexing or in-place writes (they export as Gather, ScatterND and transposes of the whole map);
+  s2 in one MatMul; a = x * (gate_h outer gate_w), the product made once: two broadcasting Muls on the
+  whole map cost more;
+* s2 from the nine edge sums, the corners gathered (four Slices of rows and corners cost more);
+* s1 . conv3x3(x) as a depthwise convolution with the s1-weighted taps, summed over each group's channels
+  (onnxruntime runs it several times faster than a convolution with one output channel); on x's own layout
+  with the taps repeated for every group, so that onnxruntime feeds it the previous convolution's blocked
+  (NCHWc) output without reordering it;
+* no in-place writes (they export as ScatterND and transposes of the whole map);
 * the parameter-only algebra (softmax(gn.bias), the tap weights) depends on initializers alone, so runtimes
   fold it when the session is created.
 
@@ -53,15 +57,15 @@ def ema_onnx(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups: int, eps: float)
     pooled = op.Concat(op.Div(rows, w), op.Div(cols, h), axis=2)
     gates = op.Sigmoid(op.Add(op.MatMul(op.Reshape(w1, ints(c, c)), pooled), op.Unsqueeze(b1, ints(1))))
     gate_h, gate_w = part(gates, 0, h_i, 2), part(gates, h_i, _END, 2)
-    x1 = op.InstanceNormalization(op.Mul(op.Mul(gx, op.Unsqueeze(gate_h, ints(3))), op.Unsqueeze(gate_w, ints(2))),
-                                  gamma, beta, epsilon=eps)
+    gate_hw = op.Mul(op.Unsqueeze(gate_h, ints(3)), op.Unsqueeze(gate_w, ints(2)))
+    x1 = op.InstanceNormalization(op.Mul(gx, gate_hw), gamma, beta, epsilon=eps)
 
     # s2 = softmax(mean_HW(conv3x3(x))) from the nine edge sums (algebra.edge_sums, algebra.tap_edges).
-    top, bottom = part(gx, 0, 1, 2), part(gx, -1, _END, 2)
-    corners = op.Concat(part(top, 0, 1, 3), part(top, -1, _END, 3), part(bottom, 0, 1, 3), part(bottom, -1, _END, 3),
-                        axis=3)
-    edges = op.Concat(op.ReduceSum(rows, ints(2), keepdims=1), part(rows, 0, 1, 2), part(rows, -1, _END, 2),
-                      part(cols, 0, 1, 2), part(cols, -1, _END, 2), op.Squeeze(corners, ints(2)), axis=2)
+    first_last_row = op.Concat(ints(0), op.Sub(h_i, ints(1)), axis=0)  # [0, H - 1]: one row twice when H = 1
+    first_last_col = op.Concat(ints(0), op.Sub(w_i, ints(1)), axis=0)
+    corners = op.Gather(op.Gather(gx, first_last_row, axis=2), first_last_col, axis=3)  # (n, c, 2, 2)
+    edges = op.Concat(op.ReduceSum(rows, ints(2), keepdims=1), op.Gather(rows, first_last_row, axis=2),
+                      op.Gather(cols, first_last_col, axis=2), op.Reshape(corners, ints(0, 0, 4)), axis=2)
     taps_e = op.Reshape(op.MatMul(op.Reshape(w3, ints(c * c, 9)), tap_edges), ints(c, c * 9))
     mean_x2 = op.Div(op.MatMul(op.Reshape(edges, ints(-1, c * 9)), op.Transpose(taps_e)), op.Mul(h, w))
     s2 = op.Softmax(op.Add(mean_x2, b3), axis=1)
@@ -71,6 +75,8 @@ def ema_onnx(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups: int, eps: float)
     cross = op.Reshape(op.MatMul(op.Unsqueeze(s2, ints(1)), op.Reshape(x1, flat)), op.Concat(ints(-1, 1), hw, axis=0))
     s1 = op.Softmax(beta, axis=0)
     taps = op.Reshape(op.MatMul(op.Unsqueeze(s1, ints(0)), op.Reshape(w3, ints(c, c * 9))), ints(c, 1, 3, 3))
-    conv = op.ReduceSum(op.Conv(gx, taps, pads=[1, 1, 1, 1], group=c), ints(1), keepdims=1)
+    taps = op.Tile(taps, ints(groups, 1, 1, 1))  # (C, 1, 3, 3): every group's channels
+    conv = op.Conv(x, taps, pads=[1, 1, 1, 1], group=c * groups)
+    conv = op.ReduceSum(op.Reshape(conv, op.Concat(ints(-1, c), hw, axis=0)), ints(1), keepdims=1)
     cross = op.Add(op.Add(cross, conv), op.ReduceSum(op.Mul(s1, b3), keepdims=1))
     return op.Reshape(op.Mul(gx, op.Sigmoid(cross)), shape)
