@@ -302,7 +302,8 @@ def benchmark(
     targets.
 
     Each candidate runs interleaved with its baseline in one process; a ratio is the median of per-round ratios.
-    All modes take more than an hour on two CPU cores (compiling and exporting the networks included); --modes picks some.
+    All modes take more than an hour on two CPU cores (compiling and exporting the networks included);
+    --modes picks some.
     """
     with errors(debug):
         from ema_hub_benchmarks import speed

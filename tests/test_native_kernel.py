@@ -184,4 +184,5 @@ def test_channels_last_equals_contiguous(b, c, h, w, factor):
     stats_cl = native.forward(x_cl, layer.groups, params, layer.gn.eps, out_cl)
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
     for name, got, want in zip(['out', 'gate', 'pooled', 'edges', 'sums'], (out_cl, *stats_cl), (out, *stats)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                   msg=lambda m: f'{name}: {m}')
