@@ -389,19 +389,24 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
    more than the rest of the layer. */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
+/* Two vectors' lanes picked by constant indices (GCC before 12 has only __builtin_shuffle). */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
 typedef int v8i __attribute__((vector_size(32)));
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
 
 /* The lane sums of eight vectors, as one vector: three rounds of pairwise shuffles and adds. */
 static inline v8 sum8(const v8 *a) {
-    const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
-    const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-    const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
     v8 p[4], q[2];
     for (int i = 0; i < 4; i++)
-        p[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) + __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
+        p[i] = SHUFFLE8(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14)
+               + SHUFFLE8(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
     for (int i = 0; i < 2; i++)
-        q[i] = __builtin_shuffle(p[2 * i], p[2 * i + 1], lo2) + __builtin_shuffle(p[2 * i], p[2 * i + 1], hi2);
-    return __builtin_shuffle(q[0], q[1], lo4) + __builtin_shuffle(q[0], q[1], hi4);
+        q[i] = SHUFFLE8(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+               + SHUFFLE8(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE8(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 /* A block of m consecutive groups of one sample is one task: each pixel's m * c channels (128 bytes at most
