@@ -170,6 +170,18 @@ static long scratch_floats(long c, long h, long w) {
     return scratch_layout(c, h, w, NULL, &S);
 }
 
+/* The end of step 1 for one channel: its edge sums (_edge_sums' order) from its row and column sums (pooled,
+   H then W) and its corners x00, x0l, xl0, xll; then the sums made means. */
+static void edges_and_means(float *pooled, long H, long W, float x00, float x0l, float xl0, float xll, float *e) {
+    float *rows = pooled, *cols = pooled + H, total = 0.f;
+    for (long i = 0; i < H; i++) total += rows[i];
+    e[0] = total; e[1] = rows[0]; e[2] = rows[H - 1]; e[3] = cols[0]; e[4] = cols[W - 1];
+    e[5] = x00; e[6] = x0l; e[7] = xl0; e[8] = xll;
+    const float rw = 1.0f / (float)W, rh = 1.0f / (float)H;  /* multiplies: divides are slow */
+    for (long i = 0; i < H; i++) rows[i] *= rw;
+    for (long j = 0; j < W; j++) cols[j] *= rh;
+}
+
 /* Step 4 of both forwards: s2 = softmax(edges . taps_e / P + b3) into s2, then k (as _coefficients); returns the
    constant of cross. */
 static float coefficients(const Args *A, const Shared *S, const float *edges, const float *sums,
@@ -289,15 +301,8 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
             }
         }
         for (long j = 0; j < W; j++) cols[j] = colq[j];
-        float total = 0.f;
-        for (long i = 0; i < H; i++) total += rows[i];
-        float *e = edges + ch * 9;
         const float *xl = xp + (H - 1) * Wp;  /* the last row, in xpad */
-        e[0] = total; e[1] = rows[0]; e[2] = rows[H - 1]; e[3] = cols[0]; e[4] = cols[W - 1];
-        e[5] = xp[0]; e[6] = xp[W - 1]; e[7] = xl[0]; e[8] = xl[W - 1];
-        const float rw = 1.0f / (float)W, rh = 1.0f / (float)H;  /* multiplies: divides are slow */
-        for (long i = 0; i < H; i++) rows[i] *= rw;
-        for (long j = 0; j < W; j++) cols[j] *= rh;
+        edges_and_means(rows, H, W, xp[0], xp[W - 1], xl[0], xl[W - 1], edges + ch * 9);
     }
 
     /* 2. gates = sigmoid(w1 @ pooled + b1). */
@@ -548,13 +553,8 @@ static void block_forward_cl(const Args *A, const Shared *S, long m, long blk, f
     for (long u = 0; u < mc; u++) {
         const long g = g0 + u / c, ch = u % c;
         const float *xq = T.xq + (u / c) * xqs + ch;
-        float *r = A->pooled + (g * c + ch) * L, *e = A->edges + (g * c + ch) * 9, total = 0.f;
-        for (long i = 0; i < H; i++) total += r[i];
-        e[0] = total; e[1] = r[0]; e[2] = r[H - 1]; e[3] = r[H]; e[4] = r[L - 1];
-        e[5] = xq[(Wp + 1) * c]; e[6] = xq[(Wp + W) * c]; e[7] = xq[(H * Wp + 1) * c]; e[8] = xq[(H * Wp + W) * c];
-        const float rw = 1.0f / (float)W, rh = 1.0f / (float)H;
-        for (long i = 0; i < H; i++) r[i] *= rw;
-        for (long j = H; j < L; j++) r[j] *= rh;
+        edges_and_means(A->pooled + (g * c + ch) * L, H, W, xq[(Wp + 1) * c], xq[(Wp + W) * c], xq[(H * Wp + 1) * c],
+                        xq[(H * Wp + W) * c], A->edges + (g * c + ch) * 9);
     }
 
     /* 2-5, per group. */
