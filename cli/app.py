@@ -296,6 +296,10 @@ def benchmark(
                                                          '--quick].')] = None,
         quick: Annotated[bool, typer.Option(
             '--quick', help='Small shapes, one round: checks that it runs; the numbers mean nothing.')] = False,
+        paper_form: Annotated[bool, typer.Option(
+            '--paper-form/--no-paper-form', help='Time the networks with the paper form too (the layer table always '
+                                                 'does): compiling its training step takes about an hour on two CPU '
+                                                 'cores.')] = True,
         debug: DebugOpt = False,
 ) -> None:
     """Time EMA against the paper's straightforward form, alone and in ResNet-50, in every mode, and print the
@@ -308,7 +312,7 @@ def benchmark(
     with errors(debug):
         from ema_hub_benchmarks import speed
 
-        speed.run(device.value, threads, batch, repeats, quick, modes.split(',') if modes else None)
+        speed.run(device.value, threads, batch, repeats, quick, modes.split(',') if modes else None, paper_form)
 
 
 train.register(app)

@@ -37,6 +37,19 @@ def test_benchmark_quick_prints_full_table():
     assert all('eager' in name or 'layer' in name for _, name in targets), out
 
 
+def test_benchmark_without_the_paper_form():
+    """--no-paper-form leaves the paper form's network out (its compiled training step takes an hour to compile
+    here): dashes in its columns, no memory row; the layer table still compares against it."""
+    proc = run('ema-hub', 'benchmark', '--quick', '--modes', 'eager', '--no-paper-form')
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for kind in ['inference', 'train']:
+        m = re.search(r'^eager\s+' + kind + NUM * 2 + r'\s+-' + NUM + r'\s+-\s+-' + NUM + r'\s*$', out, re.M)
+        assert m, f'no eager {kind} row with the paper form left out in:\n{out}'
+    assert re.search(r'^resnet50_ema' + NUM * 4, out, re.M) and not re.search(r'^paper_form', out, re.M), out
+    assert re.search(r'^\(256,7\)' + NUM * 2 + r'\s+([0-9.]+)x', out, re.M), out
+
+
 @pytest.mark.parametrize('mode', ['compiled', 'onnxruntime'])
 def test_runners_of_the_other_modes(mode, tmp_path):
     """What the compiled and onnxruntime modes time computes the network's output and, in training, its

@@ -238,8 +238,14 @@ ema_forward.register_autograd(_backward, setup_context=_setup_context)
 # A plain torch.onnx.export (without ``onnx_graph.translations()``) decomposes the inference operator with this
 # table into ema_portable's plain ops, which any ONNX runtime has; torch.export and torch.compile keep the
 # operator.
-# FakeTensor computes shapes with symbolic sizes through this table too, so it keeps the fake's layout.
+# FakeTensor computes shapes with symbolic sizes through this table too: outside a trace that records the
+# decomposition, the fake's result is all it needs (tracing ema_portable for it made torch.export of a network
+# twice as slow).
 @torch._decomp.register_decomposition(torch.ops.ema_hub.ema.default)
 def _portable(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps) -> Tensor:
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    if is_fake(x) and get_proxy_mode() is None:
+        return _ema_fake(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)
     out = ema_portable(x, groups, Params(w1, b1, gamma, beta, w3, b3), tap_edges, eps)[0]
     return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
