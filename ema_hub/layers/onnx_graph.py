@@ -128,14 +128,12 @@ def _edge_selection(op, h_i, w_i, like):
 
 def _small_map_matrices(h: int, w: int):
     """For a static H x W map flattened: ``pool`` (H * W, H + W + 9) to the row and column means and the nine
-    edge sums; ``expand_h`` (H, H * W) and ``expand_w`` (W, H * W) to spread per-row and per-column gates over
-    the map."""
-    i, j = np.divmod(np.arange(h * w), w)
-    pool = np.zeros((h * w, h + w + 9))
-    pool[np.arange(h * w), i] = 1 / w
-    pool[np.arange(h * w), h + j] = 1 / h
-    e = h + w
-    pool[:, e] = 1
-    pool[i == 0, e + 1], pool[i == h - 1, e + 2], pool[j == 0, e + 3], pool[j == w - 1, e + 4] = 1, 1, 1, 1
-    pool[[0, w - 1, (h - 1) * w, h * w - 1], [e + 5, e + 6, e + 7, e + 8]] = 1
-    return pool, (i == np.arange(h)[:, None]) * 1.0, (j == np.arange(w)[:, None]) * 1.0
+    edge sums (``algebra.edge_sums`` of each pixel's unit map); ``expand_h`` (H, H * W) and ``expand_w``
+    (W, H * W) to spread per-row and per-column gates over the map."""
+    from .algebra import edge_sums
+
+    unit = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)  # a map per pixel, 1 there
+    rows, cols = unit.sum(3), unit.sum(2)                                # (H * W, 1, H), (H * W, 1, W)
+    corners = unit[:, :, [0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1]]
+    pool = torch.cat([rows / w, cols / h, edge_sums(rows, cols, corners)], 2).reshape(h * w, h + w + 9)
+    return pool.numpy(), rows.reshape(h * w, h).t().numpy(), cols.reshape(h * w, w).t().numpy()
