@@ -104,9 +104,11 @@ def _hub_errors(model: str) -> Iterator[None]:
             f'{model}: {where} answered HTTP {status}; retry later, set HF_ENDPOINT to a mirror, or pass a local '
             f'weights file') from None
     except SafetensorError as e:
-        raise CorruptWeightsError(
-            f'{model}: the weights file is truncated or corrupted ({e}); download it again with '
-            f'`ema-hub download {model} --force`') from None
+        folder = parse_spec(model).folder
+        fix = (f'replace {folder / "model.safetensors"} with a good copy: save it again from the run that wrote it, '
+               f'or fetch it with `ema-hub download MODEL --to {folder}`' if folder is not None
+               else f'download it again with `ema-hub download {model} --force`')
+        raise CorruptWeightsError(f'{model}: the weights file is truncated or corrupted ({e}); {fix}') from None
 
 
 def _repo_of(model: str) -> str:

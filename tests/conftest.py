@@ -67,19 +67,21 @@ def inputs(tmp_path_factory) -> Dict[str, Path]:
 
 @pytest.fixture(scope='session')
 def checkpoint(tmp_path_factory) -> Path:
-    """A 5-class resnet18_ema with random weights and label names (support.models.LABELS), in timm's Hub layout."""
+    """A 5-class resnet18_ema with random weights, every EMA acting, and label names (support.models.LABELS), in
+    timm's Hub layout."""
     from support.models import tiny_checkpoint
     return tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny')
 
 
 @pytest.fixture(scope='session')
 def tiny_model():
-    """A 5-class resnet18_ema with random weights, in eval mode. Shared: use it, never change it."""
+    """A 5-class resnet18_ema with random weights, every EMA acting, in eval mode. Shared: use it, never change it."""
     import torch
 
     from ema_hub.hub import create_model
+    from support.models import acting
     torch.manual_seed(0)
-    return create_model('resnet18_ema', pretrained=False, num_classes=5).eval()
+    return acting(create_model('resnet18_ema', pretrained=False, num_classes=5))
 
 
 # -- the digits fine-tuning run (test_finetune.py, test_validate.py) ----------------------------------------------

@@ -11,6 +11,7 @@ import ema_hub
 from ema_hub.errors import UsageError
 from ema_hub.graft import grafted_layers
 from ema_hub.pretrained import warm_start_state_dict
+from support.models import acting
 
 X = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
 
@@ -129,12 +130,9 @@ def test_grafted_module_trains_saves_and_loads():
 
 
 def test_grafted_module_compiles_and_exports(tmp_path):
-    grafted = ema_hub.add_ema(_nontrivial_bn(SmallCNN()), after=['layers.0', 'layers.1'])
+    torch.manual_seed(0)
+    grafted = acting(ema_hub.add_ema(SmallCNN(), after=['layers.0', 'layers.1']))
     with torch.no_grad():
-        for m in grafted.modules():  # the EMA layers away from their start, so that they act
-            if isinstance(m, ema_hub.EMA):
-                for p in m.parameters():
-                    p.normal_(0, 0.3)
         want = grafted(X)
         got = torch.compile(grafted, fullgraph=True)(X)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())

@@ -143,6 +143,11 @@ def test_corrupted_and_truncated_weights(fake_hub, tmp_path):
     bad.write_bytes(b'\x00' * 64)
     with pytest.raises(CorruptWeightsError):
         hub.create_model('resnet18_ema', weights=bad)
+    folder = hub.save_pretrained(timm.create_model('resnet18_ema', num_classes=3), tmp_path / 'run')
+    (folder / 'model.safetensors').write_bytes(b'\x00' * 64)
+    with pytest.raises(CorruptWeightsError) as e:  # a local folder is replaced, not downloaded again
+        hub.create_model(f'local-dir:{folder}')
+    assert 'model.safetensors with a good copy' in _one_line(e) and '--force' not in _one_line(e)
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):

@@ -9,16 +9,15 @@ import torch
 
 from ema_hub import EMA, VARIANTS
 
-__all__ = ['LABELS', 'random_base', 'serve_base', 'rel_err', 'trained_ema', 'tiny_checkpoint']
+__all__ = ['LABELS', 'acting', 'random_base', 'serve_base', 'rel_err', 'trained_ema', 'tiny_checkpoint']
 
 # The label names of ``tiny_checkpoint``.
 LABELS = ['ant', 'bee', 'cat', 'dog', 'eel']
 
 
-def random_base(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """A base model with random weights and non-trivial BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = timm.create_model(arch, **kwargs)
+def acting(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with non-trivial BatchNorm statistics and its EMA layers off their warm-start values (random), in
+    eval mode: at init timm zeroes the BatchNorm before each EMA (zero_init_last), so no EMA would act."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -26,7 +25,16 @@ def random_base(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_(1.0, 0.3)
                 m.bias.normal_(0.0, 0.2)
+            elif isinstance(m, EMA):
+                for p in m.parameters():
+                    p.normal_(0, 0.3)
     return model.eval()
+
+
+def random_base(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A base model with random weights and non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    return acting(timm.create_model(arch, **kwargs))
 
 
 def serve_base(fake_hub, name: str, tag: str = '') -> torch.nn.Module:
@@ -46,14 +54,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def trained_ema(name: str = 'resnet18_ema', num_classes: int = 5) -> torch.nn.Module:
-    """A variant whose EMA layers have left their warm-start values (random), with label names, in eval mode."""
+    """A variant whose every EMA acts (``acting``), with label names, in eval mode."""
     torch.manual_seed(1)
-    model = timm.create_model(name, num_classes=num_classes)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, EMA):
-                for p in m.parameters():
-                    p.normal_(0, 0.3)
+    model = acting(timm.create_model(name, num_classes=num_classes))
     model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=num_classes,
                                 label_names=[f'class_{i}' for i in range(num_classes)])
     model.pretrained_cfg.pop('label_descriptions', None)
@@ -61,11 +64,11 @@ def trained_ema(name: str = 'resnet18_ema', num_classes: int = 5) -> torch.nn.Mo
 
 
 def tiny_checkpoint(folder: Path, labels: Sequence[str] = LABELS) -> Path:
-    """A resnet18_ema with random weights and ``labels`` as class names, saved in timm's Hub layout."""
+    """A resnet18_ema with random weights, every EMA acting, and ``labels`` as class names, in timm's Hub layout."""
     from ema_hub.hub import create_model, save_pretrained
 
     torch.manual_seed(0)
-    model = create_model('resnet18_ema', pretrained=False, num_classes=len(labels))
+    model = acting(create_model('resnet18_ema', pretrained=False, num_classes=len(labels)))
     cfg = dict(model.pretrained_cfg, num_classes=len(labels), label_names=list(labels))
     cfg.pop('label_descriptions', None)
     model.pretrained_cfg = cfg
