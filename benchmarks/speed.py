@@ -2,7 +2,7 @@
 model runs in: eager, torch.compile and onnxruntime on the CPU (eager and torch.compile on CUDA).
 
 Run ``ema-hub benchmark [--quick] [--modes eager,compiled,onnxruntime] [--threads 2] [--batch 8] [--repeats N]
-[--device cpu|cuda] [--no-paper-form]`` (or ``python -m ema_hub_benchmarks.speed`` with the same options).
+[--device cpu|cuda] [--no-paper-form] [--amp]`` (or ``python -m ema_hub_benchmarks.speed`` with the same options).
 
 Everything runs in one process and the candidates are interleaved round-robin (each repeat times every
 candidate once, in turn, the order reversed every other round), so that load on a shared machine and one
@@ -28,7 +28,8 @@ one of peak RSS. The activation memory autograd keeps for backward (unique stora
 counted with saved_tensors_hooks) is printed beside it.
 
 On CUDA (``--device cuda``) the networks run channels_last under bf16 autocast (batch 256 unless given)
-and report throughput in images/s.
+and report throughput in images/s. ``--amp`` runs the CPU's networks under bf16 autocast too (the layer table
+stays fp32).
 """
 import argparse
 import itertools
@@ -91,11 +92,14 @@ def _ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _train_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor,
+                autocast: bool = False) -> Callable[[], torch.Tensor]:
     """Forward and backward with respect to the input and the parameters; returns the input's gradient."""
     def step():
         xr = x.detach().requires_grad_()
-        model(xr).backward(grad)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(xr)
+        out.backward(grad.to(out.dtype))
         model.zero_grad(set_to_none=True)
         return xr.grad
     return step
@@ -205,7 +209,7 @@ class _Runners:
             return self._onnx(name, net)
         model = torch.compile(net) if self.mode == 'compiled' else net
         if kind == 'train':
-            return _train_step(model, self.x, self.grad)
+            return _train_step(model, self.x, self.grad, self.autocast)
         return _infer(model, self.x, self.autocast)
 
     def _onnx(self, name: str, net: nn.Module) -> Callable[[], object]:
@@ -221,11 +225,11 @@ class _Runners:
 
 
 def bench_networks(device: str, modes: List[str], batch: int, repeats: int, img: int, threads: int,
-                   warmup: int, paper_form: bool = True) -> Dict[str, dict]:
+                   warmup: int, paper_form: bool = True, amp: bool = False) -> Dict[str, dict]:
     """Per mode and kind (inference, train): each pair of ``PAIRS`` timed interleaved (A B B A ...), so a ratio is
     never skewed by a third network's memory traffic landing on one side only. Returns
     ``{mode: {kind: {'ms': {net: ms}, 'ratio': {(a, b): ratio}}}}``, plus eager memory and the export times.
-    Without ``paper_form``, only resnet50_ema against resnet50."""
+    Without ``paper_form``, only resnet50_ema against resnet50; ``amp``: bf16 autocast (always on CUDA)."""
     import tempfile
 
     torch.manual_seed(0)
@@ -240,7 +244,7 @@ def bench_networks(device: str, modes: List[str], batch: int, repeats: int, img:
     results: Dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as folder:
         for mode in modes:
-            runners = _Runners(mode, nets, x, grad, threads, folder, autocast=device == 'cuda')
+            runners = _Runners(mode, nets, x, grad, threads, folder, autocast=amp or device == 'cuda')
             results[mode] = {}
             for kind in (('inference',) if device == 'cuda' else ('inference', 'train')):
                 if runners.get('resnet50', kind) is None:
@@ -265,13 +269,14 @@ def _fmt_ms(sec: float) -> str:
 
 
 def run(device: str = 'cpu', threads: int = 2, batch: Optional[int] = None, repeats: Optional[int] = None,
-        quick: bool = False, modes: Optional[List[str]] = None, paper_form: bool = True) -> Dict[str, bool]:
+        quick: bool = False, modes: Optional[List[str]] = None, paper_form: bool = True,
+        amp: bool = False) -> Dict[str, bool]:
     """Measures and prints the tables; returns each target's name and whether this run met it.
 
     batch: 8 on CPU (2 with ``quick``), 256 on CUDA; repeats: timed rounds per measurement, 7 (1 with ``quick``);
     modes: a subset of ``MODES[device]`` (default: all). ``quick`` shrinks the shapes to check that everything
     runs: its numbers mean nothing. Without ``paper_form`` the networks leave the paper form out (the layer table
-    keeps it).
+    keeps it). ``amp``: the CPU's networks under bf16 autocast.
     """
     if device == 'cuda' and not torch.cuda.is_available():
         raise UsageError('CUDA is not available on this machine: benchmark with --device cpu')
@@ -291,13 +296,13 @@ def run(device: str = 'cpu', threads: int = 2, batch: Optional[int] = None, repe
         img = 224
     else:
         batch = batch or (2 if quick else 8)
-        print(f'# CPU, {threads} threads, fp32, batch {batch}, {repeats} interleaved rounds '
+        print(f'# CPU, {threads} threads, {"networks in bf16 autocast" if amp else "fp32"}, batch {batch}, {repeats} interleaved rounds '
               '(times: medians; ratios: medians of the per-round ratios)'
               + (' (QUICK: reduced shapes, numbers not meaningful)' if quick else ''))
         print(f'# EMA forward and backward: {implementation("cpu")}')
         _print_layer(bench_layer(batch, repeats, quick, 'cpu', warmup), met)
         img = 32 if quick else 224
-    res = bench_networks(device, modes, batch, repeats, img, threads, warmup, paper_form)
+    res = bench_networks(device, modes, batch, repeats, img, threads, warmup, paper_form, amp)
     _print_networks(res, img, batch)
     _check_targets(device, res, met)
     _print_targets(met)
@@ -333,7 +338,7 @@ def _print_networks(res: Dict[str, dict], img: int, batch: int) -> None:
     if 'memory' in res.get('eager', {}):
         memory = res['eager']['memory']
         base_peak, base_saved = memory['resnet50']
-        print('## eager training memory (MiB; ratio over resnet50): peak of a training step, activations saved')
+        print('## eager training memory, fp32 (MiB; ratio over resnet50): peak of a training step, activations saved')
         for name, (peak, saved) in memory.items():
             print(f'{name:14s} {peak / 2**20:9.1f} {peak / base_peak:6.2f} {saved / 2**20:9.1f} '
                   f'{saved / base_saved:6.2f}')
@@ -381,10 +386,11 @@ def main(argv=None) -> int:
     ap.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     ap.add_argument('--modes', default=None, help='comma-separated: eager, compiled, onnxruntime (default: all)')
     ap.add_argument('--no-paper-form', action='store_true', help='networks without the paper form (the layer keeps it)')
+    ap.add_argument('--amp', action='store_true', help='the networks on the CPU under bf16 autocast (as on CUDA)')
     args = ap.parse_args(argv)
     try:
         run(args.device, args.threads, args.batch, args.repeats, args.quick,
-            args.modes.split(',') if args.modes else None, not args.no_paper_form)
+            args.modes.split(',') if args.modes else None, not args.no_paper_form, args.amp)
     except ValueError as e:
         ap.error(str(e))
     return 0

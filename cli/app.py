@@ -3,20 +3,21 @@
 Only typer is imported at module level: torch, timm and ema_hub load inside the commands, so ``--help``
 answers at once. Exit codes: 0 success; 1 when any input failed or a weights/Hub fault stopped the run (printed as one
 ``error:`` line, no traceback unless ``--debug``); 2 for usage errors (bad options, an unknown model or
-tag, no images found in the given paths, a features output that is neither .npz nor .safetensors).
+tag, no input at all, a features output that is neither .npz nor .safetensors); an argument that yields no
+image is an error record in its place (exit 1), even when no argument yields any.
 """
 import json
 import sys
 from contextlib import contextmanager
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
 
 from . import export, train
 from .common import (
-    CONTEXT, AmpOpt, BatchOpt, ChannelsLastOpt, DebugOpt, DeviceOpt, ModelOpt, PathsArg, WeightsOpt, WorkersOpt, errors,
+    CONTEXT, AmpOpt, BatchOpt, ChannelsLastOpt, DebugOpt, DeviceOpt, ModelOpt, PathsArg, UseEmaOpt, WeightsOpt,
+    WorkersOpt, errors,
 )
 
 __all__ = ['app', 'classify_app', 'main', 'classify_main']
@@ -54,11 +55,14 @@ class ListFormat(str, Enum):
 
 @contextmanager
 def _text_output(output: Optional[str]) -> Iterator:
+    """stdout, or a stream whose file replaces ``output`` only once every record is written (a full disk or an
+    interrupt leaves no cut-off file and any previous one as it was)."""
     if output is None:
         yield sys.stdout
         return
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with open(output, 'w', encoding='utf-8', newline='') as stream:
+    from ema_hub.files import atomic_path
+
+    with atomic_path(output) as tmp, open(tmp, 'w', encoding='utf-8', newline='') as stream:
         yield stream
 
 
@@ -66,6 +70,7 @@ def classify(
         paths: PathsArg,
         model: ModelOpt = 'resnet50_ema',
         weights: WeightsOpt = None,
+        use_ema: UseEmaOpt = False,
         top_k: Annotated[int, typer.Option('--top-k', '-k', min=1, help='Predictions per image.')] = 5,
         batch_size: BatchOpt = None,
         workers: WorkersOpt = None,
@@ -83,9 +88,10 @@ def classify(
 ) -> None:
     """Classify images: top-k labels and scores for each, one record per input image, in input order.
 
-    Unreadable, truncated or non-image files get an error record and the run goes on.
-    Exit code: 0 if every image was classified, 1 if any failed (or the weights could not be loaded),
-    2 for usage errors (including an unknown model and no images found).
+    Unreadable, truncated or non-image files get an error record and the run goes on; so does an argument that
+    yields no image (a missing path, a folder without images, a pattern that matches nothing), in its place,
+    even when no argument yields any. Exit code: 0 if every image was classified, 1 if any failed or yielded
+    nothing (or the weights could not be loaded), 2 for usage errors (an unknown model, no input at all).
     """
     with errors(debug):
         from ema_hub.engine import inference
@@ -94,7 +100,7 @@ def classify(
 
         entries = require_inputs(paths)
         dev = inference.select_device(device)
-        net = inference.load_model(model, weights, dev, channels_last)
+        net = inference.load_model(model, weights, dev, channels_last, use_ema)
         fmt_name = fmt.value if fmt is not None else format_for_output(output, sys.stdout)
         failed = 0
         with _text_output(output) as stream:
@@ -130,6 +136,7 @@ def features(
             help='.npz (arrays features N x D float32 and paths) or .safetensors (tensor features; paths as JSON '
                  'in the metadata key "paths").')],
         weights: WeightsOpt = None,
+        use_ema: UseEmaOpt = False,
         batch_size: BatchOpt = None,
         workers: WorkersOpt = None,
         device: DeviceOpt = 'auto',
@@ -139,7 +146,8 @@ def features(
 ) -> None:
     """Pooled embeddings (forward_head(..., pre_logits=True)) of every readable image, streamed to a file.
 
-    Images that cannot be read are left out of the file and reported on stderr; the exit code is then 1.
+    Images that cannot be read, and arguments that yield no image, are left out of the file and reported on
+    stderr; the exit code is then 1.
     Under torchrun each process embeds its share and rank 0 writes the file, rows in input order.
     """
     with errors(debug):
@@ -150,8 +158,9 @@ def features(
         check_feature_output(output)
         entries = require_inputs(paths)
         summary = extract_features(
-            entries, model, output, weights=weights, device=device, batch_size=batch_size, workers=workers, amp=amp,
-            channels_last=channels_last, report=lambda path, reason: typer.echo(f'error: {path}: {reason}', err=True))
+            entries, model, output, weights=weights, use_ema=use_ema, device=device, batch_size=batch_size,
+            workers=workers, amp=amp, channels_last=channels_last,
+            report=lambda path, reason: typer.echo(f'error: {path}: {reason}', err=True))
         if summary is None:  # a torchrun rank that is not the writer
             raise typer.Exit(0)
         typer.echo(f'wrote {summary.rows} x {summary.dim} features to {output}'
@@ -238,6 +247,7 @@ def publish(
             '--dry-run', metavar='DIR', show_default=False,
             help='Write the files that would be uploaded into DIR and stop.')] = None,
         weights: WeightsOpt = None,
+        use_ema: UseEmaOpt = False,
         token: Annotated[Optional[str], typer.Option(
             '--token', envvar='HF_TOKEN', show_default=False, show_envvar=True,
             help='Hub token (default: the logged-in one).')] = None,
@@ -251,24 +261,27 @@ def publish(
         target = model
         if weights is not None:
             from ema_hub.engine.inference import load_model
-            target = load_model(model, weights)
+            target = load_model(model, weights, use_ema=use_ema)
         result = hub_publish(target, repo_id, dry_run_dir=dry_run, token=token, private=private)
         typer.echo(str(result))
 
 
 @app.command()
 def convert(
-        checkpoint: Annotated[str, typer.Argument(metavar='CKPT', help='A checkpoint of the paper\'s code '
-                                                  '(.pth/.pt/.bin, read weights-only) or a .safetensors file.')],
+        checkpoint: Annotated[str, typer.Argument(
+            metavar='CKPT', help='A checkpoint of the paper\'s code or of timm\'s train.py (.pth/.pt/.bin/.pth.tar, '
+                                 'read weights-only) or a .safetensors file.')],
         variant: Annotated[str, typer.Argument(metavar='VARIANT', help='The variant it belongs to.')],
         out: Annotated[str, typer.Argument(metavar='OUT.safetensors', help='Where to write.')],
+        use_ema: UseEmaOpt = False,
         debug: DebugOpt = False,
 ) -> None:
-    """Convert a checkpoint of the paper's code to safetensors for a variant (keys renamed and checked)."""
+    """Convert a checkpoint of the paper's code or of timm's train.py to safetensors for a variant (keys renamed and
+    checked)."""
     with errors(debug):
         from ema_hub.hub import convert_checkpoint
 
-        summary = convert_checkpoint(checkpoint, variant, out)
+        summary = convert_checkpoint(checkpoint, variant, out, use_ema)
         typer.echo(f"wrote {summary['out']}: {summary['tensors']} tensors ({summary['renamed']} attention keys "
                    f"renamed) for {summary['variant']} with {summary['num_classes']} classes")
 
@@ -300,6 +313,8 @@ def benchmark(
             '--paper-form/--no-paper-form', help='Time the networks with the paper form too (the layer table always '
                                                  'does): compiling its training step takes about an hour on two CPU '
                                                  'cores.')] = True,
+        amp: Annotated[bool, typer.Option(
+            '--amp', help='On the cpu, the networks under bf16 autocast (on cuda they always are).')] = False,
         debug: DebugOpt = False,
 ) -> None:
     """Time EMA against the paper's straightforward form, alone and in ResNet-50, in every mode, and print the
@@ -312,7 +327,7 @@ def benchmark(
     with errors(debug):
         from ema_hub_benchmarks import speed
 
-        speed.run(device.value, threads, batch, repeats, quick, modes.split(',') if modes else None, paper_form)
+        speed.run(device.value, threads, batch, repeats, quick, modes.split(',') if modes else None, paper_form, amp)
 
 
 train.register(app)

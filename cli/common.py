@@ -1,18 +1,19 @@
 """What every command shares: the options, and one way to turn failures into an ``error:`` line and an exit code.
 
 Exit codes: 0 success; 1 when any input failed or a weights, Hub or data fault stopped the run; 2 for usage errors
-(bad options, an unknown model or tag, no images found, an output suffix no writer takes). An ``EmaHubError``
+(bad options, an unknown model or tag, no input at all, an output suffix no writer takes). An ``EmaHubError``
 says which it is (``exit_code``). Only typer is imported here, so ``--help`` answers at once.
 """
 import contextlib
+import logging
 import os
 import sys
 from typing import Annotated, Iterator, List, Optional
 
 import typer
 
-__all__ = ['CONTEXT', 'errors', 'PathsArg', 'ModelOpt', 'WeightsOpt', 'BatchOpt', 'WorkersOpt', 'DeviceOpt', 'AmpOpt',
-           'ChannelsLastOpt', 'DebugOpt', 'device_or_none']
+__all__ = ['CONTEXT', 'errors', 'PathsArg', 'ModelOpt', 'WeightsOpt', 'UseEmaOpt', 'BatchOpt', 'WorkersOpt',
+           'DeviceOpt', 'AmpOpt', 'ChannelsLastOpt', 'DebugOpt', 'device_or_none']
 
 CONTEXT = {'help_option_names': ['-h', '--help']}
 
@@ -40,7 +41,12 @@ ModelOpt = Annotated[str, typer.Option(
          'See `ema-hub list`.')]
 WeightsOpt = Annotated[Optional[str], typer.Option(
     '--weights', metavar='FILE', show_default=False,
-    help='A local .safetensors file to load instead of the pretrained weights (num_classes follows its head).')]
+    help='A local weights file to load instead of the pretrained weights (num_classes follows its head): '
+         '.safetensors, or a PyTorch state dict or timm training checkpoint (model_best.pth.tar; read weights-only).')]
+UseEmaOpt = Annotated[bool, typer.Option(
+    '--use-ema', help="Take the timm training checkpoint's state_dict_ema (the weights file's, convert's CKPT): its "
+                      "averaged copy of the weights, as timm's scripts' --use-ema do; nothing to do with the EMA "
+                      "attention layer.")]
 BatchOpt = Annotated[Optional[int], typer.Option(
     '--batch-size', '-b', min=1, show_default=False, help='Images per model batch \\[default: 64 on cuda, else 16].')]
 WorkersOpt = Annotated[Optional[int], typer.Option(
@@ -53,6 +59,20 @@ AmpOpt = Annotated[bool, typer.Option(
     '--amp', help='Mixed precision: float16 autocast on cuda/mps, bfloat16 on cpu.')]
 ChannelsLastOpt = Annotated[bool, typer.Option('--channels-last', help='Run the model in channels_last layout.')]
 DebugOpt = Annotated[bool, typer.Option('--debug', help='Show tracebacks of unexpected errors.')]
+
+
+class _Notes(logging.Handler):
+    """The package's log records (which entry of a checkpoint was loaded) as lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger('ema_hub')
+    if not any(isinstance(h, _Notes) for h in logger.handlers):  # once, however many commands a process runs
+        logger.addHandler(_Notes())
+        logger.setLevel(logging.INFO)
 
 
 def _one_line(text: str) -> str:
@@ -74,6 +94,7 @@ def _exit_code(error: BaseException) -> Optional[int]:
 def errors(debug: bool = False) -> Iterator[None]:
     """Expected failures as one ``error:`` line on stderr (exit 1, usage errors 2); tracebacks only with --debug."""
     debug = debug or bool(os.environ.get('EMA_HUB_DEBUG'))
+    _show_notes()
     if not debug:
         import warnings
         warnings.filterwarnings('ignore', category=UserWarning)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional, Tuple
 
 import typer
 
-from .common import DebugOpt, WeightsOpt, errors
+from .common import DebugOpt, UseEmaOpt, WeightsOpt, errors
 
 __all__ = ['register']
 
@@ -35,17 +35,18 @@ def export(
             '--img-size', metavar='H [W]', show_default=False, callback=_image_size,
             help='Example image size: H, or "H W" \\[default: the model\'s input size].')] = None,
         weights: WeightsOpt = None,
+        use_ema: UseEmaOpt = False,
         debug: DebugOpt = False,
 ) -> None:
     """Export a model and check the file against PyTorch (the largest output difference is printed).
 
-    The suffix picks the format. ONNX needs the export extra: pip install 'ema-hub[export]'.
+    The suffix picks the format. ONNX needs the export extra: pip install 'ema-hub\\[export]'.
     """
     with errors(debug):
         from ema_hub.export import export_model
 
-        report = export_model(model, output, weights=weights, batch_size=batch_size, img_size=img_size,
-                              dynamic_size=dynamic_size)
+        report = export_model(model, output, weights=weights, use_ema=use_ema, batch_size=batch_size,
+                              img_size=img_size, dynamic_size=dynamic_size)
         typer.echo(f'wrote {report.path} ({report.format}, dynamic: {", ".join(report.dynamic)}) in '
                    f'{report.export_s:.1f} s')
         runtime = 'onnxruntime' if report.format == 'onnx' else 'torch.export.load'

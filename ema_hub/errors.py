@@ -1,7 +1,8 @@
 """Exceptions callers can catch. Each message is one line that names the problem and the fix; the CLI prints it as is.
 
 ``exit_code`` says what the CLI exits with: 2 for a usage error (a request that cannot succeed whatever the
-weights or data: an unknown model, no images given), 1 for every other failure.
+weights or data: an unknown model, no input at all), 1 for every other failure (an argument that yields no
+image is an error record, exit 1).
 """
 
 __all__ = [
@@ -16,7 +17,7 @@ class EmaHubError(Exception):
 
 
 class UsageError(EmaHubError, ValueError):
-    """A request that cannot succeed as given: no images in the given paths, an output suffix no writer takes."""
+    """A request that cannot succeed as given: no input at all, an output suffix no writer takes."""
     exit_code = 2
 
 

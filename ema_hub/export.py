@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import MissingDependencyError, UsageError
-from .layers.onnx_graph import translations
+from .layers.onnx_graph import translating, translations
 from .specs import PathLike
 
 __all__ = ['FORMATS', 'ExportReport', 'export_model', 'export_module', 'onnx_session']
@@ -61,10 +61,12 @@ def _require_onnx() -> None:
         raise MissingDependencyError(f'ONNX export needs {", ".join(missing)}; install them with {_EXPORT_EXTRA}')
 
 
-def export_model(model: str, output: PathLike, *, weights: Optional[str] = None, batch_size: int = 2,
-                 img_size: Optional[Sequence[int]] = None, dynamic_size: bool = False) -> ExportReport:
+def export_model(model: str, output: PathLike, *, weights: Optional[str] = None, use_ema: bool = False,
+                 batch_size: int = 2, img_size: Optional[Sequence[int]] = None,
+                 dynamic_size: bool = False) -> ExportReport:
     """Export the model a spec names (``name``, ``name.tag``, ``hf-hub:``, ``local-dir:``; ``weights``: a local
-    safetensors file instead) to ``output``; the suffix (.onnx, .pt2) picks the format.
+    weights file instead, ``use_ema`` its averaged weights, as ``hub.create_model``) to ``output``; the suffix
+    (.onnx, .pt2) picks the format.
 
     ``batch_size`` is the example batch the model is traced and checked with (the exported batch is dynamic);
     ``img_size`` (H, or H and W) defaults to the model's input size.
@@ -73,7 +75,7 @@ def export_model(model: str, output: PathLike, *, weights: Optional[str] = None,
     from .engine.inference import load_model
     from timm.data import resolve_data_config
 
-    net = load_model(model, weights, torch.device('cpu'))
+    net = load_model(model, weights, torch.device('cpu'), use_ema=use_ema)
     if img_size:
         size = (int(img_size[0]), int(img_size[-1]))
     else:
@@ -134,7 +136,7 @@ def _smallest_size(module: nn.Module) -> int:
 def _export_onnx(module: nn.Module, x: torch.Tensor, dims, output: Path) -> None:
     import onnx
 
-    with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx.export reports its progress on stdout
+    with contextlib.redirect_stdout(io.StringIO()), translating():  # the exporter reports its progress on stdout
         program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=(dims,), input_names=['input'],
                                     output_names=['output'], external_data=False,
                                     custom_translation_table=translations(), optimize=False)

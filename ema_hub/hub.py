@@ -5,8 +5,10 @@ Model specs, everywhere (library and CLI): a variant (``resnet50_ema``, its defa
 on disk). Loading is timm's own (``timm.create_model``); downloads go through huggingface_hub, so its cache,
 ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply.
 """
+import argparse
 import contextlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -25,7 +27,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .cards import card_summary, render_card, render_grafted_card
-from .errors import CorruptWeightsError, UnknownModelError, WeightsUnavailableError
+from .errors import CorruptWeightsError, UnknownModelError, UsageError, WeightsUnavailableError
+from .files import atomic_path, follow_umask
 from .layers import EMA
 from .models.grafted import ARCHITECTURE as GRAFTED
 from .pretrained import as_variant_state, check_state_dict
@@ -34,12 +37,15 @@ from .specs import HF_HUB, PathLike, parse_spec
 
 __all__ = [
     'create_model', 'resolve_model', 'pretrained_tags', 'weights_location', 'is_cached', 'download', 'load_weights',
-    'save_pretrained', 'publish', 'convert_checkpoint', 'class_labels', 'label_names', 'list_variants', 'describe',
+    'read_checkpoint', 'save_pretrained', 'publish', 'convert_checkpoint', 'class_labels', 'label_names',
+    'list_variants', 'describe',
 ]
 
 # Files a published checkpoint consists of (timm's Hub layout plus its card).
 _CHECKPOINT_FILES = ['config.json', 'model.safetensors', 'README.md']
 _WEIGHTS_FILE = 'model.safetensors'
+
+_logger = logging.getLogger(__name__)
 
 
 def pretrained_tags(variant: str) -> List[str]:
@@ -128,6 +134,7 @@ def create_model(
         *,
         pretrained: bool = True,
         weights: Optional[PathLike] = None,
+        use_ema: bool = False,
         add_ema: bool = False,
         **kwargs,
 ) -> nn.Module:
@@ -137,12 +144,17 @@ def create_model(
         model: a variant, ``variant.tag``, ``hf-hub:<repo_id>`` or ``local-dir:<folder>``; with ``add_ema``,
             any timm model (``name`` or ``name.tag``) of a family ``ema_hub.add_ema`` knows.
         pretrained: load the spec's pretrained weights.
-        weights: a local safetensors file to load instead (EMA or base-architecture weights); unless
-            num_classes is given, the model gets the file's classifier size.
+        weights: a local weights file to load instead (EMA or base-architecture weights): safetensors, a state
+            dict or a training checkpoint (``read_checkpoint``); unless num_classes is given, the model gets the
+            file's classifier size.
+        use_ema: take a training checkpoint's ``state_dict_ema`` (timm's averaged weights, not the EMA layer).
         add_ema: graft EMA into the timm model (``ema_hub.add_ema``, its function kept): the architecture
             ``ema_grafted``, which a saved folder names so that it loads back.
         **kwargs: timm.create_model arguments (num_classes, in_chans, features_only, ...).
     """
+    if use_ema and weights is None:
+        raise UsageError('--use-ema takes the averaged weights of a training checkpoint: give the checkpoint with '
+                         '--weights FILE (weights=... in Python)')
     if add_ema:
         return _create_grafted(model, pretrained, **kwargs)
     spec = parse_spec(resolve_model(model))
@@ -150,7 +162,7 @@ def create_model(
         raise WeightsUnavailableError(f'{model}: no such folder; give a folder holding config.json and '
                                       f'model.safetensors (as written by `ema-hub download --to` or publish)')
     if weights is not None:
-        state = _read_safetensors(Path(weights))
+        state = read_checkpoint(weights, use_ema)
         if 'num_classes' not in kwargs and (classes := _head_size(state, model)) is not None:
             kwargs['num_classes'] = classes  # a fine-tuned file loads as it is
         net = timm.create_model(model, pretrained=False, **kwargs)
@@ -172,9 +184,10 @@ def _create_grafted(model: str, pretrained: bool, **kwargs) -> nn.Module:
         return timm.create_model('ema_grafted', base=model, pretrained=pretrained, **kwargs)
 
 
-def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load a local safetensors file (an EMA checkpoint, or its base's, which gets the warm start) into ``model``."""
-    return _load_state(model, _read_safetensors(Path(path)), str(path))
+def load_weights(model: nn.Module, path: PathLike, use_ema: bool = False) -> nn.Module:
+    """Load a local weights file (``read_checkpoint``: an EMA checkpoint, or its base's, which gets the warm start)
+    into ``model``."""
+    return _load_state(model, read_checkpoint(path, use_ema), str(path))
 
 
 def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -199,15 +212,83 @@ def _head_size(state: Dict[str, torch.Tensor], model: str) -> Optional[int]:
     return int(head.shape[0]) if head is not None else None
 
 
-def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+# Where a checkpoint keeps its weights, in timm's order (timm.models.load_state_dict), then other scripts' names.
+_WRAPPERS = ('state_dict', 'model', 'model_state_dict', 'module', 'net')
+# timm's averaged copy of the weights (train.py --model-ema), which use_ema takes, as timm's scripts' --use-ema do.
+_AVERAGED = ('state_dict_ema', 'model_ema')
+# What a checkpoint may pickle besides tensors and plain values: timm's train.py saves its args as a Namespace.
+_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def read_checkpoint(path: PathLike, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict in a weights file: safetensors, or a PyTorch pickle (a state dict, a timm training checkpoint).
+
+    Pickles are read with ``torch.load(weights_only=True)``: tensors and plain values, argparse.Namespace (the
+    ``args`` of timm's train.py) and nothing else, never code. A checkpoint's weights are its ``state_dict``,
+    ``model``, ... entry, or with ``use_ema`` its ``state_dict_ema``; DDP and torch.compile prefixes go
+    (timm's ``clean_state_dict``). The entry used is logged on ``ema_hub.hub``.
+    """
+    path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f'weights file {path} does not exist; check the path')
+    obj = _read_safetensors(path) if _is_safetensors(path) else _load_pickle(path)
+    entries = []
+    if use_ema:
+        entries.append(next((k for k in _AVERAGED if isinstance(obj.get(k), dict)), None))
+        if entries[0] is None:
+            raise UsageError(f'{path} holds no averaged weights (state_dict_ema: timm saves them when trained with '
+                             f'--model-ema); drop --use-ema')
+        obj = obj[entries[0]]
+    while not any(isinstance(v, torch.Tensor) for v in obj.values()):  # a wrapper: its weights are an entry down
+        entries.append(next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None))
+        if entries[-1] is None:
+            raise CorruptWeightsError(f'{path} holds no state dict of tensors; re-save it as a state dict')
+        obj = obj[entries[-1]]
+    if entries:
+        _logger.info('weights: %s, entry %s', path.name, '.'.join(entries))
+    return timm.models.clean_state_dict({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By its suffix, or its start (the header's length, then its JSON) for one named otherwise (weights.bin)."""
+    with open(path, 'rb') as f:
+        return path.suffix == '.safetensors' or f.read(9)[8:] == b'{'
+
+
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(path), device='cpu')
     except SafetensorError as e:
-        hint = ('convert it first with `ema-hub convert`' if path.suffix in ('.pth', '.pt', '.bin', '.ckpt')
-                else 'it is truncated or corrupted: export or download it again')
-        raise CorruptWeightsError(f'{path} is not a valid safetensors file ({e}); {hint}') from None
+        raise CorruptWeightsError(f'{path} is not a valid safetensors file ({e}); it is truncated or corrupted: '
+                                  f'export or download it again') from None
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+            obj = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        refused = _refused_globals(path)
+        if refused:
+            raise CorruptWeightsError(
+                f'{path} pickles {", ".join(refused)}, which weights-only loading refuses (unpickling it could run '
+                f'code); where you trust it, re-save its state dict (torch.save(model.state_dict(), ...))') from None
+        raise CorruptWeightsError(
+            f'{path} cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: '
+            f'{str(e).strip().splitlines()[0][:120] if str(e).strip() else "no detail"}); it is truncated or '
+            f'corrupted: export or download it again') from None
+    if not isinstance(obj, dict):
+        raise CorruptWeightsError(f'{path} holds a {type(obj).__name__}, not a state dict; re-save it as a state dict')
+    return obj
+
+
+def _refused_globals(path: Path) -> List[str]:
+    """What a PyTorch checkpoint pickles beyond weights-only loading's and ``_SAFE_GLOBALS`` (none if unknown)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # damaged, or not a zip checkpoint: nothing to name
+        return []
+    return [n for n in names if n not in {f'{g.__module__}.{g.__qualname__}' for g in _SAFE_GLOBALS}]
 
 
 def label_names(model: nn.Module) -> Optional[List[str]]:
@@ -276,6 +357,7 @@ def save_pretrained(
         model_config = {'label_names': names}
     timm.models.save_for_hf(
         model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    follow_umask(folder / _WEIGHTS_FILE)  # safetensors writes it 0600: unreadable to others once published
     _without_duplicate_num_classes(folder / 'config.json')
     variant = model.pretrained_cfg['architecture']
     if variant == GRAFTED:
@@ -346,25 +428,24 @@ def _publishable_folder(model: Union[str, nn.Module], folder: Path, repo_id: str
     return save_pretrained(net, folder, repo_id=repo_id, metrics=metrics)
 
 
-# Keys a checkpoint may be wrapped in (training scripts save {'state_dict': ...}, {'model': ...}, ...).
-_WRAPPERS = ('state_dict', 'model', 'model_state_dict', 'module', 'net')
 # The paper's code names the attention module freely (ema, attention, ...); timm's slot is `se`.
 _PAPER_ATTENTION = re.compile(r'^(?P<block>.+)\.(?P<attn>[^.]+)\.(?P<part>gn|conv1x1|conv3x3)\.(?P<param>weight|bias)$')
 _SE_KEY = re.compile(r'^(?P<block>.+)\.se\.(?P<rest>(?![01]\.).+)$')  # a squeeze-excitation key, not yet se.0/se.1
 
 
-def convert_checkpoint(source: PathLike, variant: str, out: PathLike) -> Dict[str, object]:
-    """Convert a checkpoint of the paper's code (gn/conv1x1/conv3x3 attention keys) to safetensors for ``variant``.
+def convert_checkpoint(source: PathLike, variant: str, out: PathLike, use_ema: bool = False) -> Dict[str, object]:
+    """Convert a checkpoint of the paper's code or of timm's train.py (gn/conv1x1/conv3x3 attention keys) to
+    safetensors for ``variant``.
 
-    Pickles are read with ``torch.load(weights_only=True)`` only: tensors, never code. Wrappers
-    (``state_dict``/``model``/..., as in timm's training checkpoints) and DDP's ``module.`` prefix are removed;
-    the attention module's keys (``ema.*`` in the paper's timm fork) are renamed to where the variant has EMA:
-    timm's ``se`` slot, or ``se.1`` after a block's own squeeze-excitation (then at ``se.0``). Unknown, missing
+    The weights are read as ``read_checkpoint`` reads them (weights only, never code; the ``state_dict`` entry, or
+    ``state_dict_ema`` with ``use_ema``; DDP's ``module.`` prefix removed; metadata such as train.py's ``args``
+    left out); the attention module's keys (``ema.*`` in the paper's timm fork) are renamed to where the variant
+    has EMA: timm's ``se`` slot, or ``se.1`` after a block's own squeeze-excitation (then at ``se.0``). Unknown, missing
     and mismatched keys are reported by name.
     """
     source = Path(source)
     model_name = resolve_model(variant).split('.', 1)[0]
-    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in _read_any_checkpoint(source).items()}
+    state = read_checkpoint(source, use_ema)
     classes = _head_size(state, model_name)
     model = timm.create_model(model_name, pretrained=False, **({'num_classes': classes} if classes else {}))
     # Where each block's EMA sits: timm's attention slot `se`, or `se.1` after the block's own SE (at `se.0`).
@@ -383,32 +464,10 @@ def convert_checkpoint(source: PathLike, variant: str, out: PathLike) -> Dict[st
         converted[key] = tensor.contiguous()
     check_state_dict(converted, model, str(source))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(converted, str(out), metadata={'format': 'pt', 'architecture': model_name})
+    with atomic_path(out) as tmp:
+        safetensors.torch.save_file(converted, str(tmp), metadata={'format': 'pt', 'architecture': model_name})
     return {'out': str(out), 'variant': model_name, 'tensors': len(converted), 'renamed': renamed,
             'num_classes': model.num_classes}
-
-
-def _read_any_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise WeightsUnavailableError(f'checkpoint {path} does not exist; check the path')
-    if path.suffix == '.safetensors':
-        return _read_safetensors(path)
-    try:
-        obj = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle, zip and weights-only refusals all mean the same thing to the caller
-        raise CorruptWeightsError(
-            f'{path} cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: '
-            f'{str(e).splitlines()[0][:160]}); re-save it as a state dict (torch.save(model.state_dict(), ...))'
-        ) from None
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CorruptWeightsError(f'{path} holds no state dict of tensors; re-save it as a state dict')
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def list_variants(all_tags: bool = False) -> List[Dict[str, object]]:

@@ -20,10 +20,12 @@ from .registry import FAMILIES, VARIANTS, Variant
 from .specs import CHECKPOINT_SOURCES
 
 __all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'as_variant_state', 'half_state', 'warm_start_state_dict',
-           'check_state_dict', 'loads_weights']
+           'check_state_dict', 'loads_weights', 'without_foreign_labels']
 
 # cfg fields that say where the base's weights live, replaced by the warm tag's own.
 _SOURCE_FIELDS = ('url', 'file', 'state_dict', 'source', 'architecture', 'tag', 'hf_hub_filename')
+# cfg fields that describe the classes of the cfg's head (timm's save_for_hf drops the same for a new head).
+_LABEL_FIELDS = ('label_names', 'label_descriptions', 'label_offset')
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,6 +165,17 @@ def check_state_dict(state: Dict[str, torch.Tensor], model: nn.Module, source: s
     if unknown or missing:
         arch = getattr(model, 'pretrained_cfg', {}).get('architecture', 'the model')
         raise CheckpointKeysError(source, arch, unknown, missing)
+
+
+def without_foreign_labels(model: nn.Module) -> nn.Module:
+    """``model`` with its cfg's class names dropped unless it has the head they name: a head of another size, none
+    (num_classes=0) or a feature extractor has other classes, which timm's tools would otherwise label with them."""
+    cfg = getattr(model, 'pretrained_cfg', None)
+    classes = getattr(model, 'num_classes', None)
+    if cfg and (not classes or classes != cfg.get('num_classes')):
+        for key in _LABEL_FIELDS:
+            cfg.pop(key, None)  # in place: default_cfg is the same dict
+    return model
 
 
 def loads_weights(pretrained: bool, pretrained_cfg) -> bool:

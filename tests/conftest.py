@@ -3,8 +3,11 @@ images, a small labelled checkpoint, and the digits fine-tuning run (once per se
 
 Helpers that are not fixtures live in tests/support/ (tests/ is on sys.path): test modules never import each other.
 """
+import atexit
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator
@@ -12,6 +15,15 @@ from typing import Dict, Iterator
 import pytest
 
 from support.hub_server import FakeHub, client_env, use_fake_hub
+
+# The suite runs as CI services run it, with CI=true (inductor is stricter then: it refuses a custom operator that
+# has a global decomposition, for one), and with caches of its own, cold, so that nothing an earlier run compiled
+# (inductor's graphs, Triton's kernels, ema_hub's CPU kernels) can hide a failure. Set before torch is imported,
+# here and in every process the tests start.
+_CACHES = tempfile.mkdtemp(prefix='ema-hub-test-caches-')
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+os.environ.update({'CI': 'true', 'TORCHINDUCTOR_CACHE_DIR': os.path.join(_CACHES, 'inductor'),
+                   'TRITON_CACHE_DIR': os.path.join(_CACHES, 'triton'), 'XDG_CACHE_HOME': os.path.join(_CACHES, 'xdg')})
 
 # Under pytest-xdist each worker keeps to a core of its own, and so do the processes it starts (the package sizes
 # its threads and decoders to this process's share of the cores): workers with a thread per core each would
@@ -82,6 +94,20 @@ def tiny_model():
     from support.models import acting
     torch.manual_seed(0)
     return acting(create_model('resnet18_ema', pretrained=False, num_classes=5))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often the compiled CPU kernels ran: {'forward': n, 'backward': n}."""
+    from ema_hub.layers import native
+    assert native.available(), 'the native kernel did not build: is a C compiler with OpenMP installed?'
+    calls = {'forward': 0, 'backward': 0}
+    for name in calls:
+        def counted(*a, _f=getattr(native, name), _name=name):
+            calls[_name] += 1
+            return _f(*a)
+        monkeypatch.setattr(native, name, counted)
+    return calls
 
 
 # -- the digits fine-tuning run (test_finetune.py, test_validate.py) ----------------------------------------------

@@ -37,12 +37,14 @@ def test_benchmark_quick_prints_full_table():
     assert all('eager' in name or 'layer' in name for _, name in targets), out
 
 
-def test_benchmark_without_the_paper_form():
+def test_benchmark_without_the_paper_form_under_amp():
     """--no-paper-form leaves the paper form's network out (its compiled training step takes an hour to compile
-    here): dashes in its columns, no memory row; the layer table still compares against it."""
-    proc = run('ema-hub', 'benchmark', '--quick', '--modes', 'eager', '--no-paper-form')
+    here): dashes in its columns, no memory row; the layer table still compares against it. --amp times the
+    networks under bf16 autocast, training step included."""
+    proc = run('ema-hub', 'benchmark', '--quick', '--modes', 'eager', '--no-paper-form', '--amp')
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    assert out.startswith('# CPU, 2 threads, networks in bf16 autocast'), out
     for kind in ['inference', 'train']:
         m = re.search(r'^eager\s+' + kind + NUM * 2 + r'\s+-' + NUM + r'\s+-\s+-' + NUM + r'\s*$', out, re.M)
         assert m, f'no eager {kind} row with the paper form left out in:\n{out}'

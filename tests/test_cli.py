@@ -8,9 +8,12 @@ test_images.py, test_data.py, test_inference.py, test_features.py and test_outpu
 import csv
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Dict, List
 
@@ -20,7 +23,7 @@ import pytest
 from ema_hub.engine.output import read_features
 from support.cli import run
 from support.images import BAD, GOOD
-from support.models import LABELS, serve_base
+from support.models import LABELS, serve_base, train_py_checkpoint
 
 
 def _records(proc: subprocess.CompletedProcess) -> List[dict]:
@@ -49,6 +52,23 @@ def test_help_is_fast_and_does_not_import_torch() -> None:
     assert probe.stdout.split() == ['False', 'False', 'False'], probe.stderr
 
 
+def test_help_texts_show_their_brackets() -> None:
+    """Rich reads [word] in a help text as markup and drops it (pip install 'ema-hub[export]' showed as 'ema-hub'):
+    every bracket in a command's help, epilog and option help is escaped."""
+    import typer.main
+
+    from ema_hub_cli.app import app, classify_app
+
+    texts = []
+    for typer_app in (app, classify_app):
+        group = typer.main.get_command(typer_app)
+        for cmd in getattr(group, 'commands', {None: group}).values():
+            texts += [cmd.help or '', cmd.epilog or ''] + [getattr(p, 'help', None) or '' for p in cmd.params]
+    assert [text for text in texts if re.search(r'(?<!\\)\[', text)] == []
+    proc = run('ema-hub', 'export', '--help')
+    assert proc.returncode == 0 and "pip install 'ema-hub[export]'" in ' '.join(proc.stdout.split())
+
+
 def test_classify_folder_jsonl_every_kind(inputs: Dict[str, Path], checkpoint: Path) -> None:
     folder = inputs['gray.png'].parent
     proc = run('ema-classify', str(folder), '--model', f'local-dir:{checkpoint}', '--top-k', '3', '-b', '4')
@@ -68,6 +88,56 @@ def test_classify_json_output_file_and_explicit_order(inputs: Dict[str, Path], c
     records = json.loads(out.read_text())
     _check_records(records[:-1], names)
     assert records[-1] == {'path': missing, 'error': 'no such file or directory'}
+
+
+def test_classify_gives_every_argument_a_record_in_its_place(inputs: Dict[str, Path], checkpoint: Path,
+                                                             tmp_path: Path) -> None:
+    """A missing path, a pattern that matches nothing and a folder without images each get an error record (exit
+    1); a file whose name holds glob characters is that file."""
+    literal = tmp_path / 'shot[1].png'
+    shutil.copy(inputs['tiny.png'], literal)
+    (tmp_path / 'empty').mkdir()
+    args = [str(tmp_path / 'missing[1].png'), str(inputs['tiny.png']), str(tmp_path / 'nomatch' / '*.png'),
+            str(literal), str(tmp_path / 'empty')]
+    proc = run('ema-classify', *args, '--model', f'local-dir:{checkpoint}', '-k', '3')
+    assert proc.returncode == 1, proc.stderr
+    records = _records(proc)
+    assert [r['path'] for r in records] == args and [len(r['predictions']) for r in records[1::2]] == [3, 3]
+    assert [r['error'] for r in records[::2]] == [
+        'no such file, and no image file matches it as a pattern',
+        'no such file, and no image file matches it as a pattern', 'no image files in this folder']
+
+
+def test_classify_output_file_is_whole_or_untouched(inputs: Dict[str, Path], checkpoint: Path,
+                                                    tmp_path: Path) -> None:
+    """-o FILE appears once every record is written: a disk that fills up on the second record (its write raises
+    ENOSPC) leaves the previous FILE as it was, no temporary file, and one error line."""
+    out = tmp_path / 'preds.jsonl'
+    out.write_text('previous run\n')
+    script = textwrap.dedent('''
+        import errno, sys
+        from ema_hub.engine import output
+        write = output.RecordWriter.write
+        def full_disk(self, record):
+            if self.count:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            write(self, record)
+        output.RecordWriter.write = full_disk
+        from ema_hub_cli.app import classify_main
+        sys.argv[0] = 'ema-classify'
+        classify_main()
+    ''')
+    images = [str(inputs[n]) for n in ('tiny.png', 'gray.png')]
+    model = ['--model', f'local-dir:{checkpoint}', '-o', str(out)]
+    proc = subprocess.run([sys.executable, '-c', script, *images, *model], capture_output=True, text=True,
+                          env={**os.environ, 'HF_HUB_OFFLINE': '1'}, timeout=600)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f'error: {out}: No space left on device (left as it was)'], proc.stderr
+    assert out.read_text() == 'previous run\n' and os.listdir(tmp_path) == ['preds.jsonl']
+    proc = run('ema-classify', *images, *model)  # the same run with room on the disk replaces it whole
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)['path'] for line in out.read_text().splitlines()] == images
+    assert os.listdir(tmp_path) == ['preds.jsonl']
 
 
 def test_classify_csv_from_stdin_all_good_exits_0(inputs: Dict[str, Path], checkpoint: Path) -> None:
@@ -92,10 +162,48 @@ def test_classify_table_with_weights_file(inputs: Dict[str, Path], checkpoint: P
     assert sorted(line.split(']')[-1].strip() for line in lines[1:]) == ['0', '1', '2', '3', '4']  # no names: index
 
 
+class _Custom:
+    """A class of the test's own: harmless, but weights-only loading must refuse any class it does not know."""
+
+
+def test_timm_training_checkpoint_classify_and_convert(inputs: Dict[str, Path], tmp_path: Path) -> None:
+    """A DDP run's model_best.pth.tar (keys under module., args pickled): ema-classify --weights classifies with its
+    state_dict, as the model does in-process; convert --use-ema writes its averaged weights; a checkpoint that
+    pickles a class of its own is refused in one line."""
+    import safetensors.torch
+    import torch
+
+    from ema_hub.engine.images import list_inputs
+    from ema_hub.engine.inference import classify
+
+    model, averaged, path = train_py_checkpoint(tmp_path / 'run', ddp=True)
+    image = str(inputs['gray.png'])
+    proc = run('ema-classify', image, '--model', 'resnet18_ema', '--weights', str(path), '-f', 'jsonl')
+    assert proc.returncode == 0 and proc.stderr.splitlines() == ['weights: model_best.pth.tar, entry state_dict']
+    got, = _records(proc)
+    want, = classify(list_inputs([image]), model)
+    assert [p['index'] for p in got['predictions']] == [p['index'] for p in want['predictions']]
+    assert np.allclose([p['score'] for p in got['predictions']], [p['score'] for p in want['predictions']], atol=1e-5)
+
+    out = tmp_path / 'averaged.safetensors'
+    proc = run('ema-hub', 'convert', str(path), 'resnet18_ema', str(out), '--use-ema')
+    assert proc.returncode == 0 and 'with 5 classes' in proc.stdout, proc.stderr
+    assert proc.stderr.splitlines() == ['weights: model_best.pth.tar, entry state_dict_ema']
+    converted = safetensors.torch.load_file(str(out))
+    assert all(converted[k].equal(v) for k, v in averaged.state_dict().items())
+
+    evil = tmp_path / 'custom.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'args': _Custom()}, evil)
+    proc = run('ema-classify', image, '--model', 'resnet18_ema', '--weights', str(evil))
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f'error: {evil} pickles ')
+    assert '_Custom' in lines[0] and 'weights-only' in lines[0] and proc.stdout == ''
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     (tmp_path / 'notes.txt').write_text('no images here')
-    proc = run('ema-classify', str(tmp_path))
-    assert proc.returncode == 2 and proc.stderr.startswith('error: no images found'), proc.stderr
+    proc = run('ema-classify', '-', stdin='')  # no input at all (a folder without images is an error record)
+    assert proc.returncode == 2 and proc.stderr.startswith('error: no input'), proc.stderr
     proc = run('ema-classify', str(tmp_path), '--top-k', '0')
     assert proc.returncode == 2
     (tmp_path / 'img.png').write_bytes(b'')
@@ -130,14 +238,36 @@ def test_classify_with_any_warm_tag(inputs: Dict[str, Path], fake_hub, hub_env: 
     assert len(_records(proc)[0]['predictions']) == 2
 
 
+def test_arguments_yielding_nothing_are_error_records(checkpoint: Path, tmp_path: Path) -> None:
+    """Issue 26's command line: no argument yields an image, yet each gets its error record in input order, exit 1."""
+    (tmp_path / 'nomatch').mkdir()
+    (tmp_path / 'nomatch' / 'notes.txt').write_text('no images here')
+    reason = 'no such file, and no image file matches it as a pattern'  # missing[1].png is a pattern too
+    want = [{'path': 'missing[1].png', 'error': reason}, {'path': 'nomatch/*.png', 'error': reason}]
+    args = ['missing[1].png', 'nomatch/*.png', '--model', f'local-dir:{checkpoint}']
+    proc = run('ema-classify', *args, '-f', 'jsonl', cwd=tmp_path)
+    assert proc.returncode == 1 and _records(proc) == want, proc.stderr
+    assert proc.stderr.splitlines()[-1] == '2 of 2 image(s) could not be classified'
+    proc = run('ema-classify', *args, '-f', 'table', cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines() == [line for r in want for line in (r['path'], f"  error: {r['error']}")]
+
+
 @pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
 def test_features(inputs: Dict[str, Path], checkpoint: Path, tmp_path: Path, suffix: str) -> None:
     names = ['exif6.jpg', 'empty.jpg', 'cmyk.jpg', 'depth16.png']
     out = tmp_path / f'feats{suffix}'
-    proc = run('ema-hub', 'features', *[str(inputs[n]) for n in names], '--model', f'local-dir:{checkpoint}',
-               '--output', str(out), '-b', '2')
+    # arguments that yield no image are reported in input order, as in classify
+    missing, nomatch = str(tmp_path / 'missing.png'), str(tmp_path / 'nomatch' / '*.png')
+    paths = [str(inputs[n]) for n in names]
+    proc = run('ema-hub', 'features', paths[0], missing, *paths[1:], nomatch, '--model',
+               f'local-dir:{checkpoint}', '--output', str(out), '-b', '2')
     assert proc.returncode == 1
-    assert f'error: {inputs["empty.jpg"]}: not an image' in proc.stderr and 'wrote 3 x 512' in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    assert errors[0] == f'error: {missing}: no such file or directory', proc.stderr
+    assert errors[1].startswith(f'error: {inputs["empty.jpg"]}: not an image') and len(errors) == 3
+    assert errors[2] == f'error: {nomatch}: no such file, and no image file matches it as a pattern'
+    assert 'wrote 3 x 512' in proc.stderr and '3 image(s) failed' in proc.stderr
     good = [str(inputs[n]) for n in names if n not in BAD]
     features, paths, _ = read_features(out)
     assert features.shape == (3, 512) and features.dtype == np.float32 and paths == good

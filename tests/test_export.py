@@ -10,6 +10,7 @@ import torch
 
 from ema_hub.export import export_model
 from support.cli import run
+from support.models import train_py_checkpoint
 
 # What an ONNX file may contain: operators of the standard domain, nothing a runtime would need ema_hub for.
 STANDARD_DOMAINS = {'', 'ai.onnx'}
@@ -65,6 +66,23 @@ def test_pt2_round_trip(checkpoint, tmp_path):
     program = torch.export.load(str(tmp_path / 'model.pt2')).module()
     with torch.no_grad():
         assert program(torch.randn(5, 3, 64, 64)).shape == (5, 5)  # another batch size
+
+
+def test_export_timm_training_checkpoint(tmp_path):
+    """``--weights model_best.pth.tar`` as timm's train.py writes it (its args pickled): the program computes its
+    state_dict, or with --use-ema its averaged state_dict_ema, and stderr says which in one line."""
+    model, averaged, path = train_py_checkpoint(tmp_path / 'run')
+    x = torch.randn(2, 3, 64, 64)
+    outputs = []
+    for flags, reference, entry in (([], model, 'state_dict'), (['--use-ema'], averaged, 'state_dict_ema')):
+        out = tmp_path / f'{entry}.pt2'
+        proc = run('ema-hub', 'export', 'resnet18_ema', str(out), '--img-size', '64', '--weights', str(path), *flags)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.splitlines() == [f'weights: model_best.pth.tar, entry {entry}']
+        with torch.no_grad():
+            outputs.append(torch.export.load(str(out)).module()(x))
+            torch.testing.assert_close(outputs[-1], reference(x))
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # two sets of weights, two functions
 
 
 def test_bad_suffix_and_missing_extra(checkpoint, tmp_path):

@@ -15,8 +15,9 @@ from huggingface_hub import ModelCard
 from ema_hub import VARIANTS
 from ema_hub import hub
 from ema_hub.errors import CheckpointKeysError, CorruptWeightsError, ShapeMismatchError, UnknownModelError, \
-    WeightsUnavailableError
-from support.models import random_base, rel_err as _rel_err, serve_base, trained_ema as _trained_ema
+    UsageError, WeightsUnavailableError
+from support.models import random_base, rel_err as _rel_err, serve_base, train_py_checkpoint, \
+    trained_ema as _trained_ema
 
 
 def test_publish_dry_run_loads_with_local_dir(tmp_path):
@@ -226,6 +227,70 @@ def test_convert_refuses_pickled_code(tmp_path):
     with pytest.raises(CorruptWeightsError) as e:
         hub.convert_checkpoint(src, 'resnet18_ema', tmp_path / 'o.safetensors')
     assert 'weights-only' in _one_line(e)
+
+
+# --- timm's training checkpoints (train.py's model_best.pth.tar), as --weights and convert read them ---
+
+@pytest.mark.parametrize('ddp', [False, True])
+def test_read_checkpoint_takes_what_timm_loads(tmp_path, caplog, ddp):
+    """A CheckpointSaver file (args pickled as a Namespace): the entry timm's own load_state_dict takes, prefixes
+    gone (state_dict, or with use_ema the averaged state_dict_ema), the entry named in the log; the model loads it."""
+    model, averaged, path = train_py_checkpoint(tmp_path, ddp=ddp)
+    x = torch.randn(1, 3, 64, 64)
+    for use_ema, reference, entry in ((False, model, 'state_dict'), (True, averaged, 'state_dict_ema')):
+        caplog.clear()
+        with caplog.at_level('INFO', logger='ema_hub'):
+            state = hub.read_checkpoint(path, use_ema)
+        assert caplog.messages == [f'weights: model_best.pth.tar, entry {entry}']
+        by_timm = timm.models.load_state_dict(str(path), use_ema=use_ema, weights_only=True)
+        assert list(state) == list(by_timm) == list(reference.state_dict())
+        assert all(torch.equal(state[k], v) and torch.equal(by_timm[k], v) for k, v in reference.state_dict().items())
+        with torch.no_grad():
+            torch.testing.assert_close(hub.create_model('resnet18_ema', weights=path, use_ema=use_ema).eval()(x),
+                                       reference(x))
+    with torch.no_grad():
+        assert (model(x) - averaged(x)).abs().max() > 1e-2  # the two entries are different weights
+
+
+def test_convert_train_py_checkpoint(tmp_path):
+    model, averaged, path = train_py_checkpoint(tmp_path / 'run')
+    x = torch.randn(1, 3, 64, 64)
+    for use_ema, reference in ((False, model), (True, averaged)):
+        out = tmp_path / f'converted_{use_ema}.safetensors'
+        report = hub.convert_checkpoint(path, 'resnet18_ema', out, use_ema)
+        assert report['num_classes'] == 5 and report['renamed'] == 0
+        with torch.no_grad():
+            torch.testing.assert_close(hub.create_model('resnet18_ema', weights=out).eval()(x), reference(x))
+
+
+class _Custom:
+    """A class of the test's own: harmless, but weights-only loading must refuse any class it does not know."""
+
+
+def test_checkpoint_faults_are_one_line_errors(tmp_path):
+    model, _, path = train_py_checkpoint(tmp_path / 'run')
+    custom = tmp_path / 'custom.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'args': _Custom()}, custom)
+    with pytest.raises(CorruptWeightsError) as e:
+        hub.read_checkpoint(custom)
+    assert f'{__name__}._Custom' in _one_line(e) and 'weights-only' in _one_line(e)
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(CorruptWeightsError) as e:
+        hub.create_model('resnet18_ema', weights=truncated)
+    assert 'truncated or corrupted' in _one_line(e)
+    plain = tmp_path / 'plain.pth'
+    torch.save(model.state_dict(), plain)
+    safetensors.torch.save_file(model.state_dict(), str(tmp_path / 'plain.safetensors'))
+    (tmp_path / 'weights.bin').write_bytes((tmp_path / 'plain.safetensors').read_bytes())  # safetensors, named so
+    for single in (plain, tmp_path / 'plain.safetensors', tmp_path / 'weights.bin'):
+        assert hub.read_checkpoint(single).keys() == model.state_dict().keys()
+        with pytest.raises(UsageError) as e:  # one set of weights: no averaged copy to take
+            hub.read_checkpoint(single, use_ema=True)
+        assert 'state_dict_ema' in _one_line(e) and '--use-ema' in _one_line(e)
+    with pytest.raises(UsageError) as e:
+        hub.create_model('resnet18_ema', use_ema=True)
+    assert '--weights' in _one_line(e)
 
 
 # --- what `ema-hub list` and `ema-hub info` show, in-process ---

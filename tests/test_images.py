@@ -36,8 +36,27 @@ def test_listing_folders_globs_stdin_and_missing(tmp_path: Path, inputs: Dict[st
     assert entries == [InputEntry(str(explicit)), InputEntry(str(tmp_path / 'a.webp')),
                        InputEntry(str(missing), 'no such file or directory'),
                        InputEntry(str(tmp_path / 'b' / 'c' / 'z.PNG'))]
-    assert list(iter_inputs([str(tmp_path / 'none*.jpg')])) == []
     assert list_inputs([str(folder)]) == list(iter_inputs([str(folder)]))
+
+
+def test_an_argument_that_yields_no_image_is_an_error_entry_in_its_place(tmp_path: Path) -> None:
+    for name in ['a.png', 'shot[1].png', 'empty/notes.txt', 'docs/readme.md']:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b'x')
+    args = [str(tmp_path / 'missing[1].png'), str(tmp_path / 'a.png'), str(tmp_path / 'nomatch' / '*.png'),
+            str(tmp_path / 'empty'), str(tmp_path / 'docs' / '*'), str(tmp_path / 'shot[1].png'), '-']
+    assert list(iter_inputs(args, stdin=io.StringIO('\n'))) == [
+        InputEntry(args[0], 'no such file, and no image file matches it as a pattern'),
+        InputEntry(args[1]),
+        InputEntry(args[2], 'no such file, and no image file matches it as a pattern'),
+        InputEntry(args[3], 'no image files in this folder'),
+        InputEntry(args[4], 'no such file, and no image file matches it as a pattern'),  # readme.md: not an image
+        InputEntry(args[5]),  # a file whose name holds glob characters is that file, not a pattern
+        InputEntry('-', 'no paths on stdin'),
+    ]
+    # a pattern that matches something is that something: shot[1].png as a pattern matches shot1.png
+    (tmp_path / 'shot1.png').write_bytes(b'x')
+    assert list(iter_inputs([str(tmp_path / 'sho[t]1.png')])) == [InputEntry(str(tmp_path / 'shot1.png'))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,12 +121,25 @@ def test_describe_os_errors(tmp_path: Path) -> None:
     assert describe_error(PermissionError(13, 'Permission denied')) == 'permission denied'
 
 
-def test_require_inputs_is_a_usage_error_when_nothing_is_found(tmp_path: Path, inputs: Dict[str, Path]) -> None:
+def test_require_inputs_is_a_usage_error_only_without_any_input(tmp_path: Path, inputs: Dict[str, Path]) -> None:
     folder = inputs['gray.png'].parent
     assert require_inputs([str(folder)]) == list_inputs([str(folder)])
     missing = tmp_path / 'missing.jpg'  # a named file that does not exist is an input (its error is reported)
     assert require_inputs([str(missing)]) == [InputEntry(str(missing), 'no such file or directory')]
     (tmp_path / 'notes.txt').write_text('no images here')
-    with pytest.raises(UsageError, match='no images found in') as info:
-        require_inputs([str(tmp_path), str(tmp_path / 'none*.png')])
-    assert info.value.exit_code == 2 and '\n' not in str(info.value)
+    # no argument yields an image: each is an error entry in input order, not a usage error
+    nothing = [str(tmp_path), str(tmp_path / 'none*.png'), '-']
+    assert require_inputs(nothing, stdin=io.StringIO('')) == [
+        InputEntry(str(tmp_path), 'no image files in this folder'),
+        InputEntry(str(tmp_path / 'none*.png'), 'no such file, and no image file matches it as a pattern'),
+        InputEntry('-', 'no paths on stdin')]
+    assert require_inputs(['-'], stdin=io.StringIO(f'{tmp_path}\n')) == [
+        InputEntry(str(tmp_path), 'no image files in this folder')]
+    for args in ([], ['-'], ['-', '-']):  # no input at all
+        with pytest.raises(UsageError, match='no input') as info:
+            require_inputs(args, stdin=io.StringIO('\n  \n'))
+        assert info.value.exit_code == 2 and '\n' not in str(info.value)
+    # anything else found, or a file named: the arguments that found nothing are error entries, not a usage error
+    both = require_inputs([str(tmp_path), str(missing)])
+    assert both == [InputEntry(str(tmp_path), 'no image files in this folder'), *require_inputs([str(missing)])]
+    assert require_inputs([str(tmp_path / 'none*.png'), str(folder)])[0].error is not None

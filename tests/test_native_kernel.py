@@ -1,8 +1,11 @@
 """Building, caching and turning off the compiled CPU forward (ema_hub/layers/native.py); what it computes is
 tested against the reference in test_ema_layer.py, beside the PyTorch-ops form."""
+import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -49,10 +52,80 @@ def test_turned_off_by_environment(fresh_build, monkeypatch):
     assert not fresh_build.exists()  # nothing was built on the way
 
 
-def test_no_compiler_falls_back_quietly(fresh_build, monkeypatch, recwarn):
-    monkeypatch.setenv('CC', 'no-such-compiler-ema-hub')
-    assert not native.available()
-    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+# A fresh process computes the layer (forward and input gradient, fp32 on the CPU: the kernels' case) against the
+# reference in fp64, and prints whether the kernels loaded and the EMA warnings it saw.
+_CHECK_LAYER = textwrap.dedent('''
+    import json, warnings
+    warnings.simplefilter('always')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        import torch
+        from ema_hub import EMA
+        from ema_hub.layers import native
+        from ema_hub.reference import ReferenceEMA
+        torch.manual_seed(0)
+        layer = EMA(64)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0.0, 0.5)
+        ref = ReferenceEMA(64, layer.groups).double()
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(2, 64, 9, 7, requires_grad=True)
+        x64 = x.detach().double().requires_grad_()
+        dy = torch.randn(2, 64, 9, 7)
+        y, y_ref = layer(x), ref(x64)
+        grads = torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(y_ref, x64, dy.double())[0]
+        for got, want in [(y, y_ref), grads]:
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+        loaded = native.available()
+    print(json.dumps({'native': loaded, 'warnings': [str(w.message) for w in caught if 'EMA' in str(w.message)]}))
+''')
+
+
+def _check_layer(cache, **env):
+    """Run _CHECK_LAYER with its own cache (and ``env``); its result: whether the kernels loaded, the warnings."""
+    environ = {k: v for k, v in os.environ.items() if k not in ('CC', 'EMA_HUB_NATIVE', 'EMA_HUB_CC_TIMEOUT')}
+    run = subprocess.run([sys.executable, '-c', _CHECK_LAYER], capture_output=True, text=True, timeout=300,
+                         env={**environ, 'XDG_CACHE_HOME': str(cache), **env})
+    assert run.returncode == 0, run.stderr  # a cut-off library in the cache ended the process with 135 (SIGBUS)
+    result = json.loads(run.stdout)
+    return result['native'], result['warnings']
+
+
+def test_a_cut_off_library_is_built_again(tmp_path):
+    assert _check_layer(tmp_path) == (True, [])
+    library, = (tmp_path / 'ema_hub' / 'native').glob('ema_kernels-*.so')
+    whole = library.read_bytes()
+    library.write_bytes(whole[:len(whole) // 2])  # a full disk or a killed copy
+    assert _check_layer(tmp_path) == (True, [])
+    assert library.read_bytes() == whole and list(library.parent.glob('ema_kernels-*.so')) == [library]
+    checksum, = library.parent.glob('ema_kernels-*.so.sha256')
+    checksum.unlink()  # a library without its checksum (written before it existed): built again too
+    mtime = library.stat().st_mtime_ns
+    assert _check_layer(tmp_path) == (True, []) and library.stat().st_mtime_ns != mtime and checksum.is_file()
+
+
+@pytest.mark.parametrize('env', [{'CC': 'no-such-compiler-ema-hub'}, {'PATH': 'empty'}], ids=['CC', 'PATH'])
+def test_no_compiler_warns_once_and_falls_back(tmp_path, env):
+    if env.get('PATH'):  # a PATH with no compiler on it, and no CC: neither Python's compiler nor cc is found
+        (tmp_path / 'empty').mkdir()
+        env = {'PATH': str(tmp_path / 'empty')}
+    loaded, warned = _check_layer(tmp_path, **env)
+    assert not loaded and len(warned) == 1 and 'no C compiler found' in warned[0], warned
+    assert not (tmp_path / 'ema_hub').exists()
+
+
+@pytest.mark.parametrize('hangs_on', ['--version', 'build'])
+def test_a_hung_compiler_times_out(tmp_path, hangs_on):
+    compiler = tmp_path / 'slow-cc'
+    answer = 'exec sleep 60' if hangs_on == '--version' else 'echo slow-cc 1.0; exit 0'
+    compiler.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then {answer}; fi\nexec sleep 60\n')
+    compiler.chmod(0o755)
+    start = time.monotonic()
+    loaded, warned = _check_layer(tmp_path, CC=str(compiler), EMA_HUB_CC_TIMEOUT='0.5')
+    assert not loaded and len(warned) == 1 and 'did not finish within 0.5 s' in warned[0], warned
+    assert time.monotonic() - start < 50  # not the compiler's minute
+    assert not list(tmp_path.glob('ema_hub/native/ema_kernels-*'))
 
 
 def test_failing_compiler_warns_once_and_falls_back(fresh_build, monkeypatch):

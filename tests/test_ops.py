@@ -21,19 +21,6 @@ def _args(layer, x):
     return (x, *layer.params(), layer.tap_edges, layer.groups, layer.gn.eps)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """How often the compiled CPU kernels ran: {'forward': n, 'backward': n}."""
-    assert native.available(), 'the native kernel did not build: is a C compiler with OpenMP installed?'
-    calls = {'forward': 0, 'backward': 0}
-    for name in calls:
-        def counted(*a, _f=getattr(native, name), _name=name):
-            calls[_name] += 1
-            return _f(*a)
-        monkeypatch.setattr(native, name, counted)
-    return calls
-
-
 def test_opcheck():
     """torch.library's own check of the registration: schema, fake implementation against the real one,
     autograd, and tracing through AOTAutograd."""
@@ -53,6 +40,8 @@ def test_opcheck():
     # differentiates the portable form instead)
     torch.library.opcheck(ops.ema_backward, (dy, x.detach(), *stats, *params, layer.tap_edges, layer.groups,
                                              layer.gn.eps))
+    # channels_last x (torch.compile's layout): the input gradient still comes back contiguous, as the fake says
+    torch.library.opcheck(ops.ema_backward, (dy, x_cl, *stats, *params, layer.tap_edges, layer.groups, layer.gn.eps))
 
 
 def test_compiled_calls_the_same_kernels(kernel_calls):

@@ -9,7 +9,7 @@ from ema_hub import EMA, VARIANTS
 from ema_hub import hub
 from ema_hub.errors import CheckpointKeysError, ShapeMismatchError
 from ema_hub.pretrained import as_variant_state, check_state_dict, checkpoint_filter_fn, loads_weights
-from support.models import random_base, rel_err as _rel_err, serve_base
+from support.models import LABELS, acting, random_base, rel_err as _rel_err, serve_base
 
 
 def test_every_base_tag_is_a_warm_tag():
@@ -97,6 +97,50 @@ def test_mobilenet_features_only_pretrained(fake_hub):
     serve_base(fake_hub, 'mobilenetv2_100_ema')
     feats = timm.create_model('mobilenetv2_100_ema', pretrained=True, features_only=True)
     assert len(feats(torch.randn(1, 3, 64, 64))) == 5
+
+
+# --- class names: a cfg names the classes of its own head only ---
+
+def _timm_labeller(model):
+    """How timm's inference.py labels a model's outputs (timm.data's own classes): the cfg's label names, else the
+    ImageNet subset the head size implies; None where it labels nothing."""
+    cfg = model.pretrained_cfg
+    if cfg.get('label_names') is not None:
+        info = timm.data.CustomDatasetInfo(cfg['label_names'], cfg.get('label_descriptions'))
+    elif (subset := timm.data.infer_imagenet_subset({'num_classes': getattr(model, 'num_classes', 0)})) is not None:
+        info = timm.data.ImageNetInfo(subset)
+    else:
+        return None
+    return timm.data.DatasetInfoLabelMapper(info, label_type='description')
+
+
+@pytest.mark.parametrize('name', ['resnet18_ema', 'mobilenetv2_100_ema', 'convnext_tiny_ema'])
+def test_only_the_default_head_has_the_cfgs_class_names(name):
+    """The default head keeps its ImageNet names; a new head (another size, none, a feature extractor) gets none,
+    as timm's own models do, where timm's inference.py labelled a 2-class head tench and goldfish."""
+    labeller = _timm_labeller(timm.create_model(name))
+    assert labeller.coverage(1000) == (1000, 0, 0)
+    assert [labeller(i) for i in range(1000)] == hub.class_labels(timm.create_model(name))
+    for kwargs in (dict(num_classes=2), dict(num_classes=0), dict(features_only=True)):
+        model = timm.create_model(name, **kwargs)
+        assert not {'label_names', 'label_descriptions'} & set(model.pretrained_cfg), kwargs
+        assert model.default_cfg is model.pretrained_cfg
+        assert _timm_labeller(model) is None and hub.label_names(model) is None
+        assert _timm_labeller(timm.create_model(VARIANTS[name].base, **kwargs)) is None  # as for the base
+
+
+@pytest.mark.parametrize('add_ema', [False, True])
+def test_a_saved_folder_keeps_its_own_class_names(tmp_path, add_ema):
+    """A fine-tuned folder's class names (config.json) load and label its head, ResNet variant or grafted; loaded
+    with another head, it has none."""
+    torch.manual_seed(0)
+    model = acting(hub.create_model('resnet18', add_ema=True, pretrained=False, num_classes=len(LABELS)) if add_ema
+                   else timm.create_model('resnet18_ema', num_classes=len(LABELS)))
+    folder = hub.save_pretrained(model, tmp_path / 'run', label_names=LABELS)
+    loaded = timm.create_model(f'local-dir:{folder}')
+    assert hub.class_labels(loaded) == LABELS
+    assert [_timm_labeller(loaded)(i) for i in range(len(LABELS))] == LABELS
+    assert _timm_labeller(timm.create_model(f'local-dir:{folder}', num_classes=3)) is None
 
 
 # --- what timm's pretrained filter checks: each fault a specific exception with a one-line message ---

@@ -81,7 +81,8 @@ class FeatureSummary:
 
 
 def extract_features(entries: Sequence[InputEntry], model: str, output: str, *, weights: Optional[str] = None,
-                     device: str = 'auto', report: Callable[[str, str], None] = lambda path, reason: None,
+                     use_ema: bool = False, device: str = 'auto',
+                     report: Callable[[str, str], None] = lambda path, reason: None,
                      **kwargs) -> Optional[FeatureSummary]:
     """Embed ``entries`` with ``model`` (a spec) and write ``output`` (.npz or .safetensors), torchrun-aware.
 
@@ -96,7 +97,7 @@ def extract_features(entries: Sequence[InputEntry], model: str, output: str, *, 
     else:
         dev, is_main, share = select_device(device), True, len(entries)
     try:
-        net = load_model(model, weights, dev, kwargs.get('channels_last', False))
+        net = load_model(model, weights, dev, kwargs.get('channels_last', False), use_ema)
         progress = progress_bar(share, enabled=None if is_main else False)
         try:
             batches = gather_features(entries, net, device=dev, progress=progress.update,

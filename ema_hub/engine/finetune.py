@@ -18,7 +18,6 @@ CPU, NCCL on CUDA); ``batch_size`` is per process, as in timm's train.py. Valida
 """
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from ..errors import DataError, TrainingStateError
+from ..files import atomic_path
 from ..hub import create_model, save_pretrained
 from ..specs import PathLike, parse_spec
 from . import distributed as dist_utils
@@ -122,9 +122,8 @@ def _log(msg: str) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_checkpoint(path: Path) -> Dict[str, object]:

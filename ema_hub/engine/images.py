@@ -9,9 +9,13 @@ Listing rules (``iter_inputs``):
   are taken, other files and hidden entries (names starting with ``.``, e.g. macOS ``._IMG.jpg`` stubs)
   are skipped silently;
 * an argument that is not an existing path but holds ``*``, ``?`` or ``[`` is a glob pattern (``**``
-  recursive); its matches are sorted and filtered by extension like a directory's files;
+  recursive); its matches are sorted and filtered by extension like a directory's files (an existing file
+  named ``a[1].png`` is that file);
 * ``-`` reads one path (or directory, or pattern) per line from stdin;
-* a path that does not exist yields an error entry, so it gets an error record like a broken file.
+* an argument that yields no image (a path that does not exist, a folder without images, a pattern that
+  matches none, an empty stdin) yields an error entry in its place, so it gets an error record like a broken
+  file, even when no argument yields any image; ``require_inputs`` makes it a usage error only when there is
+  no input at all (no argument, or only ``-`` and nothing on stdin).
 
 Decoding rules (``load_image``): EXIF orientation is applied; every mode becomes RGB: grayscale ``L``/``LA``,
 palette ``P`` (with or without transparency), ``RGBA``, ``CMYK`` (inverted Adobe CMYK included, as PIL reads
@@ -42,6 +46,10 @@ IMAGE_EXTENSIONS = frozenset({
     '.ppm', '.pgm', '.pbm', '.pnm', '.tga', '.ico', '.jp2', '.j2k', '.avif', '.qoi',
 })
 _GLOB_CHARS = ('*', '?', '[')
+# The error entries of arguments that yield no image to try (a named file that is missing is itself an input).
+_EMPTY_FOLDER = 'no image files in this folder'
+_NO_MATCH = 'no such file, and no image file matches it as a pattern'
+_EMPTY_STDIN = 'no paths on stdin'
 # What ``load_image`` raises for a file that cannot be used (missing, unreadable, not an image, truncated,
 # malformed, a decompression bomb): callers that skip such files catch exactly these.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
@@ -68,29 +76,39 @@ def _walk(folder: str) -> Iterator[str]:
 
 def _expand(arg: str) -> Iterator[InputEntry]:
     if os.path.isdir(arg):
-        for path in _walk(arg):
-            yield InputEntry(path)
-    elif os.path.lexists(arg):
+        yield from _or_error(arg, (InputEntry(path) for path in _walk(arg)), _EMPTY_FOLDER)
+    elif os.path.lexists(arg):  # before globbing: a file named missing[1].png is that file
         yield InputEntry(arg)
     elif any(c in arg for c in _GLOB_CHARS):
-        for match in sorted(glob.iglob(arg, recursive=True)):
-            if os.path.isdir(match):
-                continue
-            if is_image_file(match):
-                yield InputEntry(match)
+        matches = (InputEntry(m) for m in sorted(glob.iglob(arg, recursive=True))
+                   if not os.path.isdir(m) and is_image_file(m))
+        yield from _or_error(arg, matches, _NO_MATCH)
     else:
         yield InputEntry(arg, 'no such file or directory')
+
+
+def _or_error(arg: str, entries: Iterable[InputEntry], reason: str) -> Iterator[InputEntry]:
+    """``entries``, or one error entry for ``arg`` when there are none: an argument never vanishes silently."""
+    found = False
+    for entry in entries:
+        found = True
+        yield entry
+    if not found:
+        yield InputEntry(arg, reason)
+
+
+def _stdin_lines(stream: TextIO) -> Iterator[InputEntry]:
+    for line in stream:
+        line = line.rstrip('\r\n')
+        if line.strip():
+            yield from _expand(line)
 
 
 def iter_inputs(args: Iterable[str], stdin: Optional[TextIO] = None) -> Iterator[InputEntry]:
     """Lazily expand CLI arguments (files, folders, globs, ``-``) into entries, in input order."""
     for arg in args:
         if arg == '-':
-            stream = stdin if stdin is not None else sys.stdin
-            for line in stream:
-                line = line.rstrip('\r\n')
-                if line.strip():
-                    yield from _expand(line)
+            yield from _or_error(arg, _stdin_lines(stdin if stdin is not None else sys.stdin), _EMPTY_STDIN)
         else:
             yield from _expand(arg)
 
@@ -101,13 +119,16 @@ def list_inputs(args: Iterable[str], stdin: Optional[TextIO] = None) -> List[Inp
 
 
 def require_inputs(args: Sequence[str], stdin: Optional[TextIO] = None) -> List[InputEntry]:
-    """``list_inputs``, or UsageError when the arguments name no image at all."""
+    """``list_inputs``, or UsageError when there is no input at all: no argument, or only ``-`` and an empty stdin.
+
+    Arguments that yield no image (missing paths, folders without images, patterns that match none) are error
+    entries in their place even when none yields an image: the run reports them and exits 1, not 2.
+    """
     from ..errors import UsageError
 
     entries = list_inputs(args, stdin)
-    if not entries:
-        raise UsageError(f'no images found in {", ".join(args)} (image extensions: '
-                         f'{", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))})')
+    if all(e.error == _EMPTY_STDIN for e in entries):  # only '-' arguments yield _EMPTY_STDIN
+        raise UsageError('no input: give image files, folders or patterns, or - with paths on stdin')
     return entries
 
 

@@ -32,9 +32,10 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def load_model(spec: str, weights: Optional[str] = None, device: Optional[torch.device] = None,
-               channels_last: bool = False, **kwargs) -> nn.Module:
-    """``ema_hub.hub.create_model`` in eval mode on ``device``; a ``weights`` file sets num_classes by its head."""
-    model = create_model(spec, pretrained=weights is None, weights=weights, **kwargs)
+               channels_last: bool = False, use_ema: bool = False, **kwargs) -> nn.Module:
+    """``ema_hub.hub.create_model`` in eval mode on ``device``; a ``weights`` file sets num_classes by its head
+    (``use_ema``: a training checkpoint's averaged weights)."""
+    model = create_model(spec, pretrained=weights is None, weights=weights, use_ema=use_ema, **kwargs)
     model.eval()
     if device is not None:
         model.to(device)

@@ -13,7 +13,7 @@ Record formats (one record per input image, written as it arrives):
 Feature files (``FeatureWriter``): ``.npz`` with arrays ``features`` (N x D float32) and ``paths`` (N strings),
 or ``.safetensors`` with tensor ``features`` and the paths as a JSON list in the metadata key ``paths``.
 Rows are spilled to a temporary file as they come and assembled at the end by streaming copies, so memory
-stays flat however many images there are; the result appears atomically (temp file + rename).
+stays flat however many images there are; the result appears whole or not at all (``ema_hub.files.atomic_path``).
 """
 import csv
 import json
@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 import numpy as np
 
 from ..errors import UsageError
+from ..files import atomic_path
 
 __all__ = ['FORMATS', 'RecordWriter', 'format_for_output', 'progress_bar', 'FeatureWriter', 'check_feature_output',
            'read_features', 'FEATURE_SUFFIXES']
@@ -185,18 +186,12 @@ class FeatureWriter:
     def close(self) -> Path:
         self._raw.close()
         n, d = len(self.paths), self.dim or 0
-        fd, tmp = tempfile.mkstemp(prefix='.features-', suffix=self.kind, dir=self.out.parent)
-        os.close(fd)
         try:
-            if self.kind == '.npz':
-                self._write_npz(tmp, n, d)
-            else:
-                self._write_safetensors(tmp, n, d)
-            os.replace(tmp, self.out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+            with atomic_path(self.out) as tmp:
+                if self.kind == '.npz':
+                    self._write_npz(tmp, n, d)
+                else:
+                    self._write_safetensors(tmp, n, d)
         finally:
             if os.path.exists(self._spill):
                 os.remove(self._spill)
@@ -207,7 +202,7 @@ class FeatureWriter:
         if os.path.exists(self._spill):
             os.remove(self._spill)
 
-    def _write_npz(self, tmp: str, n: int, d: int) -> None:
+    def _write_npz(self, tmp: Path, n: int, d: int) -> None:
         header = {'descr': np.lib.format.dtype_to_descr(np.dtype('<f4')), 'fortran_order': False, 'shape': (n, d)}
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open('features.npy', 'w', force_zip64=True) as f:
@@ -216,7 +211,7 @@ class FeatureWriter:
             with zf.open('paths.npy', 'w', force_zip64=True) as f:
                 np.lib.format.write_array(f, np.array(self.paths, dtype=str) if n else np.zeros(0, dtype='<U1'))
 
-    def _write_safetensors(self, tmp: str, n: int, d: int) -> None:
+    def _write_safetensors(self, tmp: Path, n: int, d: int) -> None:
         meta = {**self.metadata, 'paths': json.dumps(self.paths, ensure_ascii=False)}
         header = {'__metadata__': meta,
                   'features': {'dtype': 'F32', 'shape': [n, d], 'data_offsets': [0, n * d * 4]}}

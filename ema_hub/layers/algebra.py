@@ -166,8 +166,11 @@ def ema_portable(x: torch.Tensor, groups: int, p: Params, edges_of_taps: torch.T
     co = coefficients(edges, s, q, p, edges_of_taps, eps, pixels)
     cross = torch.matmul(co.k.unsqueeze(1), a.reshape(n, c, pixels)).reshape(n, 1, h, w) + co.bias.reshape(n, 1, 1, 1)
     # The one-output 3x3 term as a depthwise convolution summed over channels: onnxruntime runs that several
-    # times faster than a convolution with one output channel.
-    conv = F.conv2d(gx, co.taps.taps_mix.t().reshape(c, 1, 3, 3), padding=1, groups=c)
+    # times faster than a convolution with one output channel. Its weight (s1-weighted taps) is made by ops whose
+    # result shape follows from the parameters' alone: the TorchScript-based ONNX exporter needs a known kernel
+    # shape, and sizes read in a trace are not constants.
+    taps = (co.taps.s1.reshape(-1, 1, 1, 1) * p.w3).sum(0).unsqueeze(1)  # (c, 1, 3, 3)
+    conv = F.conv2d(gx, taps, padding=1, groups=c)
     cross = cross + conv.sum(1, keepdim=True)
     gate = torch.sigmoid(cross)
     return (gx * gate).reshape(b, ch, h, w), Stats(gate.squeeze(1), pooled, edges, torch.stack([s, q]))

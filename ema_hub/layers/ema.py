@@ -20,14 +20,17 @@ double backward                   the operator                              ``al
 TorchScript (script and trace),   ``algebra.ema_portable``: plain ops       autograd through those ops
 torch.func (vmap, grad)
 ONNX (``ema_hub.export``)         ``ema_hub::ema`` in standard ONNX         (inference only)
-                                  operators (``onnx_graph``); a plain
-                                  ``torch.onnx.export`` decomposes it
-                                  into ``ema_portable``
+                                  operators (``onnx_graph``)
+other ONNX exports (a plain       ``algebra.ema_portable``: plain ops       (inference only)
+``torch.onnx.export``, either
+exporter, grad or not)
 timm's FX tracing                 EMA is a leaf: the graph calls the        as eager
                                   module, so as eager
 ================================  ========================================  ======================================
 
-Half-precision input computes in float32 and is cast back. ``ema_hub/reference.py`` holds the paper's
+Half-precision input (autocast's included: ``ops`` has the policy) computes in float32 and is cast back; the
+scripted form runs without a backward graph where grad is off (train, then validate under inference_mode).
+``ema_hub/reference.py`` holds the paper's
 straightforward form (test oracle, benchmark baseline); ``ema-hub benchmark`` times them side by side.
 """
 from typing import Optional
@@ -36,7 +39,7 @@ import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
-from . import native, ops
+from . import native, onnx_graph, ops
 from .algebra import Params, ema_portable, tap_edges
 
 __all__ = ['EMA', 'ema_groups', 'implementation']
@@ -96,7 +99,13 @@ class EMA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not _recorded():
             return self._forward_op(x)
-        return ema_portable(x, self.groups, self.params(), self.tap_edges, self.gn.eps)[0]
+        params = self.params()
+        if torch.jit.is_scripting() and not torch.is_grad_enabled():
+            # Else the profiling executor, having seen parameters that require grad in training, runs a graph that
+            # saves its inputs for backward, which inference_mode's tensors refuse.
+            params = Params(params.w1.detach(), params.b1.detach(), params.gamma.detach(), params.beta.detach(),
+                            params.w3.detach(), params.b3.detach())
+        return ema_portable(x, self.groups, params, self.tap_edges, self.gn.eps)[0]
 
     def params(self) -> Params:
         return Params(self.conv1x1.weight, _bias(self.conv1x1.bias), self.gn.weight, self.gn.bias,
@@ -105,16 +114,20 @@ class EMA(nn.Module):
     @torch.jit.unused
     def _forward_op(self, x: torch.Tensor) -> torch.Tensor:
         params = self.params()
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if training and not torch.onnx.is_in_onnx_export():  # an ONNX graph is for inference, grad or not
             return ops.ema_forward(x, *params, self.tap_edges, self.groups, self.gn.eps)[0]
         return ops.ema(x, *params, self.tap_edges, self.groups, self.gn.eps)
 
 
 @torch.jit.unused
 def _recorded() -> bool:
-    """Whether a TorchScript trace or a torch.func transform (vmap, grad: per-sample gradients) records this
-    call: they get plain ops (the operator has neither a TorchScript form nor a vmap rule). Never inside
-    torch.compile, which calls the operator."""
+    """Whether this call is recorded as plain ops: by a TorchScript trace (the TorchScript-based ONNX exporter
+    too), a torch.func transform (vmap, grad: per-sample gradients), or an ONNX export that has no translation of
+    the operator (a plain ``torch.onnx.export``; ``ema_hub.export`` brings ``onnx_graph``'s); the operator has
+    neither a TorchScript form nor a vmap rule. Never inside torch.compile, which calls the operator."""
+    if torch.onnx.is_in_onnx_export():
+        return not onnx_graph.translated()
     if torch.compiler.is_compiling():
         return False
     return torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()

@@ -9,9 +9,12 @@ and wherever the kernels cannot be built.
 
 Building: ``$CC`` (else the compiler Python was built with, else ``cc``), with OpenMP, once per machine and
 source version, into ``$XDG_CACHE_HOME/ema_hub/native`` (``~/.cache/ema_hub/native``), in about a second;
-later processes load the cached library. No compiler, or a failed build (reported once as a warning): the
-PyTorch ops run instead. ``EMA_HUB_NATIVE=0`` turns the kernels off. The kernels' OpenMP threads are
-PyTorch's own (the library links the libgomp PyTorch has loaded), as many as ``torch.get_num_threads()``.
+later processes load the cached library once its checksum (``.sha256`` beside it, written after a successful
+build) matches, and build it again when it does not: a cut-off library would kill every process that loads it.
+No compiler, a failed build, a compiler call over ``$EMA_HUB_CC_TIMEOUT`` seconds (120) or a library that does
+not load (reported once as a warning): the PyTorch ops run instead. ``EMA_HUB_NATIVE=0`` turns the kernels off.
+The kernels' OpenMP threads are PyTorch's own (the library links the libgomp PyTorch has loaded), as many as
+``torch.get_num_threads()``.
 """
 import ctypes
 import functools
@@ -29,6 +32,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..files import atomic_path
 from .algebra import Coefficients, Params
 
 __all__ = ['available', 'supports', 'forward', 'backward']
@@ -41,6 +45,7 @@ _FLAG_SETS = (
     ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-shared', '-fPIC'],
     ['-O3', '-fopenmp', '-fno-math-errno', '-shared', '-fPIC'],
 )
+_TIMEOUT_S = 120.0  # the default limit of a compiler call; a build takes about a second
 
 
 class _Args(ctypes.Structure):
@@ -121,12 +126,10 @@ def _library() -> Optional[ctypes.CDLL]:
     if os.environ.get('EMA_HUB_NATIVE', '1') == '0':
         return None
     try:
-        path = _built()
-        if path is None:
-            return None
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:  # an unwritable cache, a library that does not load
-        warnings.warn(f'EMA: native kernel unavailable ({e}); using PyTorch ops', RuntimeWarning, stacklevel=2)
+        lib = ctypes.CDLL(str(_built()))
+    except (_Unavailable, OSError) as e:  # no compiler, a failed or hung build, an unwritable cache, a bad library
+        warnings.warn(f'EMA: native kernel unavailable: {e}; using PyTorch ops (slower). Set EMA_HUB_NATIVE=0 to '
+                      'skip the attempt.', RuntimeWarning, stacklevel=2)
         return None
     lib.ema_forward.argtypes = [ctypes.POINTER(_Args)]
     lib.ema_forward.restype = ctypes.c_int
@@ -135,42 +138,80 @@ def _library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def _built() -> Optional[Path]:
-    """The compiled library in the cache, built now if missing; None without a compiler or when it fails."""
+class _Unavailable(Exception):
+    """Why the kernels cannot be built here, in a clause."""
+
+
+def _built() -> Path:
+    """The compiled library in the cache, built now if missing or damaged; _Unavailable when it cannot be."""
     compiler = _compiler()
-    if compiler is None:
-        return None
-    version = subprocess.run([*compiler, '--version'], capture_output=True, text=True).stdout
+    version = _run([*compiler, '--version']).stdout
     cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'ema_hub' / 'native'
     source = [path.read_bytes() for path in (*_SOURCES, _HEADER)]
     error = ''
     for flags in _FLAG_SETS:
         key = hashlib.sha256(repr((source, compiler, flags, version, platform.machine(), _cpu())).encode())
         target = cache / f'ema_kernels-{key.hexdigest()[:16]}.so'
-        if target.exists():
+        if _verified(target):
             return target
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: atomic for other processes
             built = Path(tmp) / target.name
-            run = subprocess.run([*compiler, *flags, *map(str, _SOURCES), '-o', str(built), '-lm'],
-                                 capture_output=True, text=True)
+            run = _run([*compiler, *flags, *map(str, _SOURCES), '-o', str(built), '-lm'])
             if run.returncode == 0:
-                os.replace(built, target)
+                _install(built, target)
                 return target
             error = (run.stderr.strip().splitlines() or [f'exit {run.returncode}'])[-1]
-    warnings.warn(f'EMA: could not build the native kernel with {compiler[0]} ({error}); using PyTorch '
-                  'ops (slower). Set EMA_HUB_NATIVE=0 to skip the attempt.', RuntimeWarning, stacklevel=3)
-    return None
+    raise _Unavailable(f'could not build the native kernel with {compiler[0]}: {error}')
 
 
-def _compiler() -> Optional[List[str]]:
+def _checksum(library: Path) -> Path:
+    return library.with_name(library.name + '.sha256')
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(library: Path) -> bool:
+    """Whether ``library`` is whole: what its checksum, written once the build succeeded, says (a cut-off library
+    kills the process that loads it with a bus error)."""
+    try:
+        return _checksum(library).read_text(encoding='ascii').strip() == _digest(library)
+    except (OSError, UnicodeDecodeError):  # missing, unreadable or garbled: build it again
+        return False
+
+
+def _install(built: Path, library: Path) -> None:
+    """Move a finished build into the cache, then its checksum: each appears whole or not at all."""
+    digest = _digest(built)
+    os.replace(built, library)  # the build folder is in the cache: the same file system
+    with atomic_path(_checksum(library)) as tmp:
+        tmp.write_text(digest + '\n', encoding='ascii')
+
+
+def _run(command: List[str]) -> subprocess.CompletedProcess:
+    """Run a compiler command, for at most ``$EMA_HUB_CC_TIMEOUT`` seconds: a hung compiler must not hang the layer."""
+    value = os.environ.get('EMA_HUB_CC_TIMEOUT') or str(_TIMEOUT_S)
+    try:
+        timeout = float(value)
+    except ValueError:
+        raise _Unavailable(f'EMA_HUB_CC_TIMEOUT={value!r} is not a number of seconds') from None
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise _Unavailable(f'{command[0]} did not finish within {timeout:g} s (EMA_HUB_CC_TIMEOUT)') from None
+
+
+def _compiler() -> List[str]:
     """$CC if set, else the compiler Python was built with if it is here (conda's often is not), else cc."""
     candidates = [os.environ['CC']] if os.environ.get('CC') else [sysconfig.get_config_var('CC') or '', 'cc']
     for candidate in candidates:
         command = shlex.split(candidate)
         if command and shutil.which(command[0]):
             return command
-    return None
+    raise _Unavailable(f'no C compiler found (tried {", ".join(c for c in candidates if c)}); install one with '
+                       'OpenMP or point CC at it')
 
 
 def _cpu() -> str:

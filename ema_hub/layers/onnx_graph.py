@@ -23,22 +23,44 @@ written for onnxruntime, which runs each node as a pass over memory:
   algebra (softmax(gn.bias), the tap weights) depends on initializers alone, so runtimes fold it when the
   session is created.
 
-Without the table (a plain ``torch.onnx.export``), the exporter decomposes the operator into
+The export runs inside ``translating()``, where the EMA module records the operator for this table; in any
+other ONNX export (a plain ``torch.onnx.export``, either exporter, timm's ``onnx_export``) it records
 ``algebra.ema_portable`` instead: the same function in more nodes.
 """
-from typing import Callable, Dict
+import contextlib
+import contextvars
+from typing import Callable, Dict, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ['translations', 'ema_onnx', 'SMALL_MAP']
+__all__ = ['translations', 'translating', 'translated', 'ema_onnx', 'SMALL_MAP']
 
 SMALL_MAP = 256  # H * W up to which pooling and gating are MatMuls with constant matrices (14x14 and 7x7 maps)
 
 
+_TRANSLATED = contextvars.ContextVar('ema_hub_onnx_translated', default=False)
+
+
 def translations() -> Dict[object, Callable]:
-    """``{operator: ONNX translation}`` for ``torch.onnx.export(..., custom_translation_table=...)``."""
+    """``{operator: ONNX translation}`` for ``torch.onnx.export(..., custom_translation_table=...)``, which must
+    run inside ``translated()``."""
     return {torch.ops.ema_hub.ema.default: ema_onnx}
+
+
+@contextlib.contextmanager
+def translating() -> Iterator[None]:
+    """Within it, an ONNX export records the EMA module as the operator that ``translations()`` writes."""
+    token = _TRANSLATED.set(True)
+    try:
+        yield
+    finally:
+        _TRANSLATED.reset(token)
+
+
+def translated() -> bool:
+    """Whether the ONNX export under way has ``translations()`` (inside ``translating()``)."""
+    return _TRANSLATED.get()
 
 
 def ema_onnx(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups: int, eps: float):

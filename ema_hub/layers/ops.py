@@ -9,10 +9,11 @@
 
 Their fake implementations give shapes without computing, so FakeTensor tracing (compile, export) and the meta
 device work; the operators are opaque to the compiler, which calls the kernels below. Implementations: on the
-CPU, the compiled kernels for float32 (``native``), else PyTorch ops (``eager``); on CUDA, the forward's two
-Triton kernels (``ema_triton``) for float32, bfloat16 and float16, the backward as PyTorch ops. Half-precision
-input is computed in float32 and the output cast back (autocast included). ONNX: ``onnx_graph`` writes ``ema``
-in standard operators; ``torch.export`` keeps the operators (a .pt2 file runs them where ema_hub is imported).
+CPU, the compiled kernels for float32 (half precision converted to it in one pass), else PyTorch ops
+(``eager``); on CUDA, the forward's two Triton kernels (``ema_triton``) for float32, bfloat16 and float16, the
+backward as PyTorch ops. They compute in float32 and return x's dtype, under autocast too
+(``_autocast_passes_inputs``). ONNX: ``onnx_graph`` writes ``ema`` in standard operators; ``torch.export`` keeps
+the operators (a .pt2 file runs them where ema_hub is imported).
 """
 from typing import Optional, Tuple
 
@@ -82,8 +83,8 @@ def _run(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Ten
     # autograd's rules (a residual `+=` after the layer)
     layout = _output_format(x, keep_layout)
     out = torch.empty_like(x, dtype=dtype, memory_format=layout)
-    if native.supports(x, list(p)):
-        gate, pooled, edges, sums = native.forward(x.contiguous(memory_format=layout), groups, p, eps, out)
+    if native.supports(x.to(dtype), list(p)):  # half precision: converted in one pass for the float32 kernel
+        gate, pooled, edges, sums = native.forward(x.to(dtype, memory_format=layout), groups, p, eps, out)
     else:
         gx = grouped(x, groups).to(dtype).contiguous()
         buf = out if out.is_contiguous() else torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -209,7 +210,9 @@ def _parameter_grads(p: Params, co: Coefficients, edges: Tensor, pooled: Tensor,
 
 @ema_backward.register_fake
 def _backward_fake(dy, x, gate, pooled, edges, sums, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps):
-    return tuple(torch.empty_like(t) for t in (x, w1, b1, gamma, beta, w3, b3))
+    # Contiguous, whatever the inputs' layouts (a channels_last x under compile, a channels_last model's conv3x3
+    # weight): the kernels compute every gradient on contiguous buffers.
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, w1, b1, gamma, beta, w3, b3))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -235,17 +238,22 @@ def _backward(ctx, dout: Tensor, *_unused: Optional[Tensor]):
 ema_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-# A plain torch.onnx.export (without ``onnx_graph.translations()``) decomposes the inference operator with this
-# table into ema_portable's plain ops, which any ONNX runtime has; torch.export and torch.compile keep the
-# operator.
-# FakeTensor computes shapes with symbolic sizes through this table too: outside a trace that records the
-# decomposition, the fake's result is all it needs (tracing ema_portable for it made torch.export of a network
-# twice as slow).
-@torch._decomp.register_decomposition(torch.ops.ema_hub.ema.default)
-def _portable(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps) -> Tensor:
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    if is_fake(x) and get_proxy_mode() is None:
-        return _ema_fake(x, w1, b1, gamma, beta, w3, b3, tap_edges, groups, eps)
-    out = ema_portable(x, groups, Params(w1, b1, gamma, beta, w3, b3), tap_edges, eps)[0]
-    return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
+_LIB = torch.library.Library('ema_hub', 'FRAGMENT')  # custom_op's own autocast rule can only cast the inputs
+
+
+def _autocast_passes_inputs(op) -> None:
+    """The operators' autocast policy, the same on the CPU and CUDA and in eager, compiled and exported modes: they
+    compute in float32 whatever their inputs' dtypes and return x's dtype (the gradients their inputs' dtypes), so
+    autocast hands them their inputs as they are (casting x to float32 would add passes over it) and is off inside
+    them (it would retype the float32 products of the PyTorch-ops path)."""
+    for device in ('cpu', 'cuda'):
+        key = getattr(torch._C.DispatchKey, 'Autocast' + torch._C._dispatch_key_for_device(device))
+
+        def kernel(_keyset, *args, _key=key):
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op._opoverload(*args)
+        _LIB.impl(op._name, kernel, key.name, with_keyset=True)
+
+
+for _op in (ema, ema_forward, ema_backward):
+    _autocast_passes_inputs(_op)

@@ -14,7 +14,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from ..graft import add_ema, graft_family
-from ..pretrained import checkpoint_filter_fn, loads_weights
+from ..pretrained import checkpoint_filter_fn, loads_weights, without_foreign_labels
 from ..registry import EMA_FACTOR, VARIANTS
 from ..specs import CHECKPOINT_SOURCES
 
@@ -34,8 +34,8 @@ def build_grafted_variant(variant: str, pretrained: bool = False, default_featur
 
     pretrained = loads_weights(pretrained, kwargs.get('pretrained_cfg'))
     feature_cfg = dict(default_feature_cfg or {}, **kwargs.pop('feature_cfg', None) or {})  # the caller's win
-    return build_model_with_cfg(build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=feature_cfg, **kwargs)
+    return without_foreign_labels(build_model_with_cfg(
+        build, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs))
 
 
 @register_model
@@ -51,11 +51,12 @@ def ema_grafted(pretrained: bool = False, base: str = 'resnet50', after: Optiona
     if source in CHECKPOINT_SOURCES:  # a saved grafted model: its weights have EMA's
         def graft(**model_kwargs) -> nn.Module:
             return add_ema(timm.create_model(base, **model_kwargs), after, factor)
-        return build_model_with_cfg(graft, ARCHITECTURE, loads_weights(pretrained, pretrained_cfg),
-                                    pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay, **kwargs)
+        return without_foreign_labels(build_model_with_cfg(
+            graft, ARCHITECTURE, loads_weights(pretrained, pretrained_cfg), pretrained_cfg=pretrained_cfg,
+            pretrained_cfg_overlay=overlay, **kwargs))
     # the base's own weights, then the graft, which keeps their function
     model = add_ema(timm.create_model(base, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs),
                     after, factor)
     model.pretrained_cfg = dict(model.pretrained_cfg, architecture=ARCHITECTURE)
     model.default_cfg = model.pretrained_cfg
-    return model
+    return without_foreign_labels(model)

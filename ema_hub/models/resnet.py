@@ -7,7 +7,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers import EMA
-from ..pretrained import checkpoint_filter_fn, loads_weights, pretrained_cfgs
+from ..pretrained import checkpoint_filter_fn, loads_weights, pretrained_cfgs, without_foreign_labels
 from ..registry import VARIANTS
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -17,8 +17,8 @@ def _create_resnet_ema(variant: str, pretrained: bool = False, **kwargs) -> ResN
     arch = dict(VARIANTS[variant].arch)
     model_args = dict(arch, block=_BLOCKS[arch['block']], block_args=dict(attn_layer=EMA))
     pretrained = loads_weights(pretrained, kwargs.get('pretrained_cfg'))
-    return build_model_with_cfg(
-        ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(model_args, **kwargs))
+    return without_foreign_labels(build_model_with_cfg(
+        ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(model_args, **kwargs)))
 
 
 default_cfgs = generate_default_cfgs(pretrained_cfgs('resnet'))

@@ -1,7 +1,8 @@
 """Models with random weights for tests: base checkpoints served where warm tags fetch them, "trained" EMA
 variants, and a small labelled checkpoint folder in timm's Hub layout."""
+import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import safetensors.torch
 import timm
@@ -9,7 +10,8 @@ import torch
 
 from ema_hub import EMA, VARIANTS
 
-__all__ = ['LABELS', 'acting', 'random_base', 'serve_base', 'rel_err', 'trained_ema', 'tiny_checkpoint']
+__all__ = ['LABELS', 'FAMILIES', 'acting', 'grafted_cnn', 'random_base', 'serve_base', 'rel_err', 'trained_ema', 'tiny_checkpoint',
+           'train_py_checkpoint']
 
 # The label names of ``tiny_checkpoint``.
 LABELS = ['ant', 'bee', 'cat', 'dog', 'eel']
@@ -73,3 +75,45 @@ def tiny_checkpoint(folder: Path, labels: Sequence[str] = LABELS) -> Path:
     cfg.pop('label_descriptions', None)
     model.pretrained_cfg = cfg
     return save_pretrained(model, folder)
+
+
+def train_py_checkpoint(folder: Path, name: str = 'resnet18_ema', num_classes: int = 5,
+                        ddp: bool = False) -> Tuple[torch.nn.Module, torch.nn.Module, Path]:
+    """``model_best.pth.tar`` as timm's train.py writes it with --model-ema, by its own ``CheckpointSaver``: the args
+    (an argparse.Namespace), the optimizer, ``state_dict`` and ``state_dict_ema`` (a ``ModelEmaV3`` that took one
+    step, so the two differ). ``ddp``: saved as a script that keeps the wrapper does, every key under ``module.``.
+    Returns (the model, the averaged model, the file), in eval mode."""
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    model = trained_ema(name, num_classes)
+    averaged = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # small: more blows the outputs up
+    averaged.update(model)  # half the old weights, half the new
+    args = argparse.Namespace(model=name, num_classes=num_classes, lr=0.1, model_ema=True, model_ema_decay=0.5)
+    saver = CheckpointSaver(torch.nn.DataParallel(model) if ddp else model, torch.optim.SGD(model.parameters()),
+                            args=args, model_ema=averaged, checkpoint_dir=str(folder), recovery_dir=str(folder),
+                            **({'unwrap_fn': lambda m: m} if ddp else {}))
+    folder.mkdir(parents=True, exist_ok=True)
+    saver.save_checkpoint(epoch=0, metric=50.0)
+    return model.eval(), averaged.module.eval(), folder / 'model_best.pth.tar'
+
+
+def grafted_cnn() -> torch.nn.Module:
+    """A small CNN of no family ``add_ema`` knows, with EMA grafted after two named layers (its hook form)."""
+    import ema_hub
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    return ema_hub.add_ema(net, after=['2', '5'])
+
+
+# One model of each kind EMA is built into, 5 classes, random weights: the three families' variants and a graft.
+FAMILIES = {
+    'resnet': lambda: timm.create_model('resnet18_ema', num_classes=5),
+    'efficientnet_builder': lambda: timm.create_model('mobilenetv2_100_ema', num_classes=5),
+    'convnext': lambda: timm.create_model('convnext_tiny_ema', num_classes=5),
+    'add_ema': grafted_cnn,
+}
