@@ -1,10 +1,7 @@
 """The Typer apps behind ``ema-classify`` (``classify_main``) and ``ema-hub`` (``main``).
 
 Only typer is imported at module level: torch, timm and ema_hub load inside the commands, so ``--help``
-answers at once. Exit codes: 0 success; 1 when any input failed or a weights/Hub fault stopped the run (printed as one
-``error:`` line, no traceback unless ``--debug``); 2 for usage errors (bad options, an unknown model or
-tag, no input at all, a features output that is neither .npz nor .safetensors); an argument that yields no
-image is an error record in its place (exit 1), even when no argument yields any.
+answers at once. Failures are one ``error:`` line (no traceback unless ``--debug``); exit codes: ``ema_hub.errors``.
 """
 import json
 import sys
@@ -90,8 +87,7 @@ def classify(
 
     Unreadable, truncated or non-image files get an error record and the run goes on; so does an argument that
     yields no image (a missing path, a folder without images, a pattern that matches nothing), in its place,
-    even when no argument yields any. Exit code: 0 if every image was classified, 1 if any failed or yielded
-    nothing (or the weights could not be loaded), 2 for usage errors (an unknown model, no input at all).
+    even when no argument yields any. Exit code: 0 if every image was classified, 1 if any failed, 2 for usage errors.
     """
     with errors(debug):
         from ema_hub.engine import inference

@@ -1,8 +1,7 @@
 """What every command shares: the options, and one way to turn failures into an ``error:`` line and an exit code.
 
-Exit codes: 0 success; 1 when any input failed or a weights, Hub or data fault stopped the run; 2 for usage errors
-(bad options, an unknown model or tag, no input at all, an output suffix no writer takes). An ``EmaHubError``
-says which it is (``exit_code``). Only typer is imported here, so ``--help`` answers at once.
+Exit codes: see ``ema_hub.errors`` (an ``EmaHubError``'s ``exit_code``). Only typer is imported here, so
+``--help`` answers at once.
 """
 import contextlib
 import logging
@@ -56,7 +55,7 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     '--device', callback=_check_device, help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.')]
 AmpOpt = Annotated[bool, typer.Option(
-    '--amp', help='Mixed precision: float16 autocast on cuda/mps, bfloat16 on cpu.')]
+    '--amp', help='Mixed precision: bfloat16 autocast on the cpu and on GPUs that have it, else float16.')]
 ChannelsLastOpt = Annotated[bool, typer.Option('--channels-last', help='Run the model in channels_last layout.')]
 DebugOpt = Annotated[bool, typer.Option('--debug', help='Show tracebacks of unexpected errors.')]
 

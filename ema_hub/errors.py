@@ -1,8 +1,10 @@
 """Exceptions callers can catch. Each message is one line that names the problem and the fix; the CLI prints it as is.
 
-``exit_code`` says what the CLI exits with: 2 for a usage error (a request that cannot succeed whatever the
-weights or data: an unknown model, no input at all), 1 for every other failure (an argument that yields no
-image is an error record, exit 1).
+The CLI's exit codes, stated here once (``cli`` and the commands refer to this): 0 success; 1 when any input
+failed (an unreadable image, or an argument that yields no image: an error record in its place, even when no
+argument yields any) or a weights, Hub or data fault stopped the run; 2 for a usage error, a request that cannot
+succeed whatever the weights or data (bad options, an unknown model or tag, no input at all, an output suffix no
+writer takes). Each exception's ``exit_code`` says which it is.
 """
 
 __all__ = [

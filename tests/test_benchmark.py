@@ -9,6 +9,7 @@ import torch
 
 from ema_hub_benchmarks.speed import cpu_target_count
 from support.cli import run
+from support.models import acting_layer
 
 NUM = r'\s+([0-9.]+)'
 
@@ -58,15 +59,11 @@ def test_runners_of_the_other_modes(mode, tmp_path):
     gradient (a small network with EMA: compiling ResNets takes minutes here)."""
     from torch import nn
 
-    from ema_hub import EMA
     from ema_hub_benchmarks.speed import _Runners
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), EMA(32, 8), nn.ReLU(),
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), acting_layer(32, 8), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 7))
-    with torch.no_grad():
-        for p in net[2].parameters():
-            p.normal_(0.0, 0.5)
     x, grad = torch.randn(2, 3, 16, 12), torch.randn(2, 7)
     runners = _Runners(mode, {'net': net}, x, grad, threads=2, folder=str(tmp_path))
     with torch.no_grad():

@@ -11,14 +11,14 @@ import ema_hub
 from ema_hub.errors import UsageError
 from ema_hub.graft import grafted_layers
 from ema_hub.pretrained import warm_start_state_dict
-from support.models import acting
+from support.models import acting, rel_err
 
 X = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
 
 
 def _nontrivial_bn(model: nn.Module) -> nn.Module:
     """Random BatchNorm statistics and affine parameters (and ConvNeXt layer scales), so that a wrong fold would
-    show."""
+    show; unlike ``support.models.acting``, it also sets the layer scales and leaves any EMA at its start."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -30,10 +30,6 @@ def _nontrivial_bn(model: nn.Module) -> nn.Module:
                 m.weight.normal_(1.0, 0.3, generator=gen)
                 m.bias.normal_(0.0, 0.3, generator=gen)
     return model.eval()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 class SmallCNN(nn.Module):
@@ -70,7 +66,7 @@ def test_timm_family_keeps_function(name, layers):
     grafted = ema_hub.add_ema(copy.deepcopy(base))
     assert sum(isinstance(m, ema_hub.EMA) for m in grafted.modules()) == layers
     with torch.no_grad():
-        assert _rel(grafted(X), want) <= 1e-5
+        assert rel_err(grafted(X), want) <= 1e-5
 
 
 @pytest.mark.parametrize('name', ['resnet50', 'efficientnet_b0'])
@@ -104,7 +100,7 @@ def test_any_module_keeps_function_and_attributes():
     assert [layer.f for layer in grafted.layers] == [-1, -1, [0, 1]] and grafted.layers[2].i == 2
     assert grafted.layers[0][2].ema.conv1x1.in_channels * grafted.layers[0][2].ema.groups == 16
     with torch.no_grad():
-        assert _rel(grafted(X), want) <= 1e-5
+        assert rel_err(grafted(X), want) <= 1e-5
     # the base's keys stay as they were; EMA's are added beside them
     assert set(base.state_dict()) < set(grafted.state_dict())
     assert 'layers.0.2.ema.gn.weight' in grafted.state_dict()

@@ -13,6 +13,7 @@ import torch
 from ema_hub import EMA
 from ema_hub.layers import algebra, eager, native
 from ema_hub.reference import ReferenceEMA
+from support.models import acting_layer
 
 
 @pytest.fixture
@@ -38,11 +39,7 @@ def test_turned_off_by_environment(fresh_build, monkeypatch):
     monkeypatch.setenv('EMA_HUB_NATIVE', '0')
     assert not native.available()
     assert not fresh_build.exists()
-    torch.manual_seed(0)
-    layer = EMA(64)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0.0, 0.5)
+    layer = acting_layer(64)
     x = torch.randn(2, 64, 5, 5)
     assert not native.supports(x, list(layer.parameters()))
     ref = ReferenceEMA(64, layer.groups)
@@ -200,11 +197,7 @@ def test_every_vector_width_computes_the_same(monkeypatch, tmp_path):
     """The kernels are written for any vector width (16 lanes with AVX-512, 8 with AVX, 4 elsewhere): each,
     built here with -DEMA_VL, gives the default build's forward (contiguous and channels_last, rows shorter and
     longer than a vector) and backward."""
-    torch.manual_seed(0)
-    layer = EMA(96, 6)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0.0, 0.5)
+    layer = acting_layer(96, 6)
     params = algebra.Params(*(p.detach() for p in layer.params()))
     inputs = [torch.randn(2, 96, 7, 5) + 0.5, torch.randn(1, 96, 13, 21).contiguous(memory_format=torch.channels_last)]
 
@@ -244,11 +237,7 @@ def test_every_vector_width_computes_the_same(monkeypatch, tmp_path):
 def test_channels_last_equals_contiguous(b, c, h, w, factor):
     """The forward reads and writes channels_last maps in place (pixel by pixel, a block of groups at a time,
     when a group's channels are a multiple of 8): the output and every statistic equal the contiguous input's."""
-    torch.manual_seed(0)
-    layer = EMA(c, factor)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0.0, 0.5)
+    layer = acting_layer(c, factor)
     params = algebra.Params(*(p.detach() for p in layer.params()))
     x = torch.randn(b, c, h, w) * 2 + 0.5
     x_cl = x.contiguous(memory_format=torch.channels_last)

@@ -6,15 +6,7 @@ import torch
 from ema_hub import EMA
 from ema_hub.layers import native, ops
 from ema_hub.reference import ReferenceEMA
-
-
-def _layer(channels=64, factor=32, seed=0):
-    torch.manual_seed(seed)
-    layer = EMA(channels, factor)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0.0, 0.5)
-    return layer
+from support.models import acting_layer
 
 
 def _args(layer, x):
@@ -24,7 +16,7 @@ def _args(layer, x):
 def test_opcheck():
     """torch.library's own check of the registration: schema, fake implementation against the real one,
     autograd, and tracing through AOTAutograd."""
-    layer = _layer()
+    layer = acting_layer()
     x = (torch.randn(2, 64, 7, 5) + 0.5).requires_grad_()
     torch.library.opcheck(ops.ema_forward, _args(layer, x))
     with torch.no_grad():  # the inference operator, which has no autograd formula
@@ -47,7 +39,7 @@ def test_opcheck():
 def test_compiled_calls_the_same_kernels(kernel_calls):
     """torch.compile(fullgraph=True) sees the operator as opaque: the compiled model runs the compiled CPU
     kernels, forward and backward, and equals eager."""
-    layer = _layer()
+    layer = acting_layer()
     ref = ReferenceEMA(64, layer.groups)
     ref.load_state_dict(layer.state_dict())
     compiled = torch.compile(layer, fullgraph=True)
@@ -72,7 +64,7 @@ def test_compiled_channels_last_network(kernel_calls, dynamic):
     kernel reads and writes them in place, and the network equals eager, with static and symbolic sizes (the
     fake decides the output's layout as the kernel does)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), _layer(), torch.nn.Conv2d(64, 8, 1)).eval()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), acting_layer(), torch.nn.Conv2d(64, 8, 1)).eval()
     net = net.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 12, 10).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -88,8 +80,8 @@ def test_compiled_network_hands_the_kernel_its_layout(monkeypatch):
     although eager mode ran it contiguous; the inference operator's layout is flexible, so the kernel reads those
     maps in place instead of getting a copy in the traced layout (a transposing pass per layer)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), _layer(),
-                              torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), _layer(),
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), acting_layer(),
+                              torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), acting_layer(),
                               torch.nn.Conv2d(64, 8, 1)).eval()
     layouts = []
     forward = native.forward
@@ -108,7 +100,7 @@ def test_compiled_network_hands_the_kernel_its_layout(monkeypatch):
 def test_export_keeps_the_operator(tmp_path, kernel_calls):
     """torch.export records the operator (the inference one without grad), the .pt2 file loads back (with ema_hub
     imported) and runs the kernel."""
-    layer = _layer().eval()
+    layer = acting_layer().eval()
     x = torch.randn(3, 64, 9, 7)
     with torch.no_grad():
         program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))
@@ -134,7 +126,7 @@ def test_meta_device():
 def test_half_precision_input_computes_in_float32(dtype):
     """Half-precision input (autocast's convolutions produce it) is computed in float32 and cast back; the
     statistics the backward keeps are float32."""
-    layer = _layer()
+    layer = acting_layer()
     x = torch.randn(2, 64, 6, 6) + 0.5
     out, gate, pooled, edges, sums = ops.ema_forward(*_args(layer, x.to(dtype)))
     assert out.dtype == dtype and {t.dtype for t in (gate, pooled, edges, sums)} == {torch.float32}
@@ -145,7 +137,7 @@ def test_half_precision_input_computes_in_float32(dtype):
 
 def test_statistics_are_not_differentiable():
     """Only the output carries gradient: the statistics are marked non-differentiable."""
-    layer = _layer()
+    layer = acting_layer()
     x = torch.randn(2, 64, 5, 5, requires_grad=True)
     out, *stats = ops.ema_forward(*_args(layer, x))
     assert out.requires_grad and not any(t.requires_grad for t in stats)
@@ -153,7 +145,7 @@ def test_statistics_are_not_differentiable():
 
 def test_output_can_be_modified_in_place():
     """A residual ``out += shortcut`` after the layer (timm's blocks do it) is allowed and differentiated."""
-    layer = _layer()
+    layer = acting_layer()
     x = torch.randn(2, 64, 5, 5, requires_grad=True)
     out = layer(x)
     out += x

@@ -7,7 +7,7 @@ A file that cannot be used (missing, not an image, truncated, a decompression bo
 The worker policy (``decode_workers``): decoding in DataLoader processes beside a model that runs on the same
 cores only makes them compete, so with the model on the CPU the main process decodes each chunk with a thread
 per core (Pillow and torch release the GIL) between model batches; with the model on an accelerator, worker
-processes decode while it computes. The README's classify benchmark has the measurements.
+processes decode while it computes. docs/performance.md (classifying folders of photos) has the measurements.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor

@@ -1,9 +1,9 @@
 """Fine-tuning on an ImageFolder (``DATA/train``, ``DATA/val``): timm's factories, resumable, torchrun-aware.
 
 The recipe is timm's: ``create_transform(is_training=True)`` augmentation, ``create_optimizer_v2`` (AdamW),
-``create_scheduler_v2`` (cosine, per-step), label-smoothed cross-entropy, AMP on CUDA. By default the model
-starts from its spec's pretrained weights (a variant's default tag is the warm start) with a new head sized
-to the class folders.
+``create_scheduler_v2`` (cosine, per-step), label-smoothed cross-entropy, AMP on CUDA (``devices.autocast``'s
+policy: bfloat16 where the GPU has it, else float16 with a GradScaler). By default the model starts from its spec's pretrained weights (a variant's
+default tag is the warm start) with a new head sized to the class folders.
 
 Output folder (written by rank 0 only, once): timm's Hub layout via :func:`ema_hub.hub.save_pretrained`
 (``config.json`` with the class folder names as ``label_names`` and the data config the model was trained
@@ -41,6 +41,7 @@ from ..hub import create_model, save_pretrained
 from ..specs import PathLike, parse_spec
 from . import distributed as dist_utils
 from .data import ImageDataset, decode_threads, decode_workers, make_loader, scan_image_folder, stack
+from .devices import autocast, grad_scaler
 from .output import progress_bar
 from .validate import evaluate
 
@@ -236,7 +237,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: Optional[torch.amp.GradScaler]
-    amp_dtype: Optional[torch.dtype]
+    amp: bool
     progress: bool
     epoch: int = 0
     history: List[Dict[str, object]] = field(default_factory=list)
@@ -265,16 +266,14 @@ class _Run:
         scheduler, _ = create_scheduler_v2(
             optimizer, sched='cosine', num_epochs=cfg.epochs, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1),
             warmup_lr=cfg.lr * 0.01, min_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
-        amp_dtype = None
-        if device.type == 'cuda':
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+        amp = device.type == 'cuda'  # mixed precision on CUDA, under devices.autocast's policy
+        scaler = grad_scaler(device, amp)
         net = model
         if info.distributed:
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == 'cuda' else None)
         run = cls(cfg, info, model, net, train_data.classes, data_cfg, train_set, val_set, sampler, workers,
-                  optimizer, scheduler, scaler, amp_dtype, progress)
+                  optimizer, scheduler, scaler, amp, progress)
         if state is not None:
             run.restore(state)
         if dist_utils.is_main():
@@ -354,7 +353,7 @@ class _Run:
         targets = targets.to(device, non_blocking=True)
         if device.type == 'cuda':
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with autocast(device, self.amp):
             loss = criterion(self.net(images), targets)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -370,7 +369,7 @@ class _Run:
     def evaluate(self) -> Dict[str, object]:
         _broadcast_buffers(self.model)
         return evaluate(self.model, self.val_set, batch_size=self.cfg.batch_size, workers=self.workers,
-                        device=self.info.device, amp=self.amp_dtype is not None, progress=self.progress)
+                        device=self.info.device, amp=self.amp, progress=self.progress)
 
     def save_checkpoint(self, path: Path) -> None:
         """The last completed epoch's state, for ``--resume`` (rank 0 writes; every rank waits for it)."""

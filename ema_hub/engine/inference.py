@@ -21,7 +21,7 @@ from torch import nn
 
 from ..hub import class_labels, create_model
 from .data import ImageDataset, Sample, decode_threads, decode_workers, make_loader, stack
-from .devices import available_cpus, select_device
+from .devices import autocast, available_cpus, select_device
 from .images import InputEntry
 
 __all__ = ['select_device', 'load_model', 'eval_transform', 'run_model', 'classify', 'default_batch_size']
@@ -80,6 +80,7 @@ def run_model(
     """Yield, per model batch and in input order, ``(entry, output row on cpu (float32) or None, error or None)``.
 
     ``forward(model, x)`` maps a batch to outputs (logits, features). ``progress(n)`` is called as images finish.
+    ``amp``: mixed precision under ``devices.autocast``'s policy.
     ``workers``: DataLoader processes (default: the worker policy, ``data.decode_workers``). ``set_threads``
     (for programs that own their process, like the CLI): on cpu, give torch the cores the decoding processes
     leave free, at least one; oversubscribed OpenMP threads stall each other badly.
@@ -98,8 +99,6 @@ def run_model(
                            threads=decode_threads(workers, world_size))
     if set_threads and device.type == 'cpu':
         torch.set_num_threads(max(1, available_cpus() - workers))
-    autocast_dtype = {'cuda': torch.float16, 'cpu': torch.bfloat16, 'mps': torch.float16}.get(device.type)
-    use_amp = amp and autocast_dtype is not None
 
     def outputs(samples: List[Sample]):
         x, _, _ = stack(samples)
@@ -108,7 +107,7 @@ def run_model(
             x = x.to(device, non_blocking=device.type == 'cuda')
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
+            with torch.inference_mode(), autocast(device, amp):
                 rows = iter(forward(model, x).float().cpu())
         out = [(entries[s.index], next(rows) if s.tensor is not None else None, s.error) for s in samples]
         if progress is not None:

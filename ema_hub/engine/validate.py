@@ -19,6 +19,7 @@ from ..hub import create_model, label_names
 from ..specs import PathLike
 from . import distributed as dist_utils
 from .data import ImageDataset, decode_threads, decode_workers, make_loader, scan_image_folder, stack
+from .devices import autocast
 from .output import progress_bar
 
 __all__ = ['evaluate', 'validate', 'eval_data_config', 'format_result']
@@ -39,8 +40,9 @@ def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 64, w
              desc: str = 'validate') -> Dict[str, object]:
     """Top-1/top-5 (percent, as timm reports them) of ``model`` on ``dataset``.
 
-    Under torchrun each process evaluates an exact shard (every image once) and the counts are summed, so
-    the result equals a single-process pass. Unreadable images are skipped and counted.
+    ``amp``: mixed precision under ``devices.autocast``'s policy. Under torchrun each process evaluates an exact
+    shard (every image once) and the counts are summed, so the result equals a single-process pass. Unreadable
+    images are skipped and counted.
     """
     device = device or next(model.parameters()).device
     model.eval()
@@ -56,7 +58,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 64, w
         skipped += [s.index for s in failed]
         if images is not None:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=amp and device.type == 'cuda'):
+            with autocast(device, amp):
                 logits = model(images)
             logits = logits.float()
             k = min(5, logits.shape[1])

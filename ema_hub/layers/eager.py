@@ -8,7 +8,7 @@ gradient, plus chunk-sized temporaries (and, for maps of at most 256 pixels, the
 Cost model (CPU): the layer is memory bound, a fresh full-size buffer costs page faults on first touch,
 and some kernels are slow at these shapes (a one-output-channel conv2d through oneDNN, var_mean over H, W,
 broadcasts along a short innermost axis, indexing backward that zero-fills a full-size gradient); each
-choice below says which of these it avoids (the measurements are in the README, "Speed").
+choice below says which of these it avoids (the measurements are in docs/layer.md).
 """
 import functools
 from typing import List, Optional, Tuple
@@ -74,7 +74,7 @@ def _chunks(n: int, item_bytes: int) -> List[Tuple[int, int]]:
 
 
 def _add_conv_chunked(cross: torch.Tensor, gx: torch.Tensor, taps_mix: torch.Tensor) -> None:
-    """``_cross``'s convolution term with the (n, 9, P) tap maps made a chunk at a time in one reused buffer."""
+    """The cross logit's convolution term with the (n, 9, P) tap maps made a chunk at a time in one reused buffer."""
     n, c, h, w = gx.shape
     chunks = _chunks(n, 9 * h * w * gx.element_size())
     z = gx.new_empty(chunks[0][1], 9, h * w)
@@ -128,7 +128,7 @@ def _row_col_matrix(h: int, w: int, dtype: torch.dtype, device: torch.device) ->
 
 @functools.lru_cache(maxsize=64)
 def _pool_matrix(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(H*W, H+W+9): x (., H*W) @ this = [row means, column means, the nine edge sums of ``_edge_sums``]."""
+    """(H*W, H+W+9): x (., H*W) @ this = [row means, column means, the nine edge sums of ``algebra.edge_sums``]."""
     p = torch.arange(h * w)
     row, col = p // w, p % w
     m = torch.zeros(h * w, h + w + 9, dtype=torch.float64)
@@ -174,7 +174,7 @@ def _input_grad_small(da_gated: torch.Tensor, dy: torch.Tensor, gate: torch.Tens
 
 def _input_grad(da: torch.Tensor, gh: torch.Tensor, gw: torch.Tensor, dy: torch.Tensor, gate: torch.Tensor,
                 dpooled: torch.Tensor, dedges: torch.Tensor) -> torch.Tensor:
-    """da * gate_h * gate_w + dy * gate plus the gradient through ``_pool``, in da's buffer (n, c, H, W), for
+    """da * gate_h * gate_w + dy * gate plus the gradient through ``pool``, in da's buffer (n, c, H, W), for
     maps above 256 pixels (``_input_grad_small`` takes the others)."""
     n, c, h, w = da.shape
     # Row and column sums reach every pixel of their row / column; edges add to their row, column, corner.
@@ -217,7 +217,7 @@ def backward_full_size(gx, dy, gate, gates, shift, pooled, edges, co: Coefficien
     dk = torch.bmm(g.view(n, 1, pixels), a.view(n, c, pixels).transpose(1, 2)).view(n, c)
     dbias = g.sum((1, 2))
 
-    # The per-channel algebra of _coefficients, backwards (for each group).
+    # The per-channel algebra of algebra.coefficients, backwards (for each group).
     dbias_c = dbias.unsqueeze(1)
     ds2 = dk * gamma * rstd + dbias_c * (beta - gamma * mu * rstd)
     drstd = s2 * gamma * (dk - dbias_c * mu)

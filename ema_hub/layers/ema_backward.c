@@ -1,8 +1,8 @@
 /* EMA's backward on the CPU in one thread per group (fp32): ema_hub/layers/native.py compiles it beside
-   ema_forward.c and calls it from the hand-written backward (ema.py, _EMAFunction).
+   ema_forward.c and calls it from the hand-written backward (ops.py, ema_backward).
 
-   The algebra is that of _EMAFunction.backward's full-size part: the logit gradient g, a - shift recomputed,
-   dk and dbias, the per-channel algebra of _coefficients backwards (for one group), da, the gates' gradient
+   The algebra is that of eager.backward_full_size: the logit gradient g, a - shift recomputed,
+   dk and dbias, the per-channel algebra of algebra.coefficients backwards (for one group), da, the gates' gradient
    du, dpooled = w1^T du, and the input gradient with the pooling's and the one-output 3x3 term's shares,
    plus that term's tap gradient. PyTorch makes each step a pass over the whole batch (about a dozen); here a
    thread reads a group's x and dy from memory, keeps them in its cache for every step and writes dx once.
@@ -13,8 +13,8 @@ typedef struct {
     const float *x, *dy;             /* (n, c, H, W): groups folded into the batch */
     const float *gate;               /* (n, H, W): sigmoid(cross) */
     const float *gates;              /* (n, c, H + W): the h-gate then the w-gate */
-    const float *shift;              /* (n, c): the shift of _shift */
-    const float *k, *mu, *var, *rstd, *s2;  /* (n, c): from _coefficients */
+    const float *shift;              /* (n, c): the shift of algebra.shift */
+    const float *k, *mu, *var, *rstd, *s2;  /* (n, c): from algebra.coefficients */
     const float *gamma, *beta;       /* gn (c) */
     const float *w1;                 /* conv1x1 (c, c), rows zero-padded to a multiple of 16 */
     const float *taps_e;             /* (c, c * 9): (out, in x edge) */
@@ -124,7 +124,7 @@ static void group_backward(const BackArgs *A, long g, float *scratch) {
         dk[ch] = s;
     }
 
-    /* 3. The per-channel algebra of _coefficients, backwards (as in _EMAFunction.backward). */
+    /* 3. The per-channel algebra of algebra.coefficients, backwards (as in eager.backward_full_size). */
     float dot = 0.f;
     for (long o = 0; o < c; o++) {
         const float gm_o = A->gamma[o], base = dk[o] - dbias * mu[o];

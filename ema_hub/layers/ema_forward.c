@@ -1,6 +1,6 @@
 /* EMA's forward on the CPU in one pass per group (fp32): ema_hub/layers/native.py compiles and calls it.
 
-   The algebra is that of ema_hub/layers/ema.py (_forward_fast): pooling and edge sums, the gates, a - shift and
+   The algebra is that of ema_hub/layers/algebra.py (ema_portable): pooling and edge sums, the gates, a - shift and
    its sums, the softmax s2, then cross = k . a + bias + a one-output 3x3 correlation of x, and out = x *
    sigmoid(cross). PyTorch runs each step as a pass over the whole batch (about a dozen full-size passes
    through memory); here a thread takes one group at a time (c channels, c * H * W floats: 100 KB at every
@@ -18,7 +18,7 @@ typedef struct {
     float *out;                      /* x's layout */
     float *gate;                     /* (n, H, W): sigmoid(cross), for the backward */
     float *pooled;                   /* (n, c, H + W): row means, then column means */
-    float *edges;                    /* (n, c, 9): the edge sums of _edge_sums */
+    float *edges;                    /* (n, c, 9): the edge sums of algebra.edge_sums */
     float *sums;                     /* (2, n, c): sum and sum of squares of a - shift */
     const float *w1, *b1;            /* conv1x1 (c, c), (c) */
     const float *gamma, *beta;       /* gn (c) */
@@ -34,7 +34,7 @@ typedef struct {
 typedef struct {
     float *w1t;                      /* (c, ROUND16(c)): w1 transposed, zero padded */
     float *b1p;                      /* (ROUND16(c)) */
-    float *taps_et;                  /* (ROUND16(c) / VL, c * 9, VL): taps_e (_coefficients) transposed, zero
+    float *taps_et;                  /* (ROUND16(c) / VL, c * 9, VL): taps_e (algebra.coefficients) transposed, zero
                                         padded, in blocks of VL outputs, each read front to back by step 4 */
     float *taps_mix;                 /* (9, c): the conv3x3 taps weighted by s1 = softmax(beta) */
     float const3;                    /* s1 . b3 */
@@ -79,7 +79,7 @@ static void sigmoid_inplace(float *p, long n) {
     }
 }
 
-/* taps_e for one (output, input) channel pair: its 3x3 taps t mapped onto the nine edge sums, as _tap_edges
+/* taps_e for one (output, input) channel pair: its 3x3 taps t mapped onto the nine edge sums, as algebra.tap_edges
    does in ema.py. With zero padding, tap (i, j) sees the whole map minus the last row (i = 0) or the first
    (i = 2), minus the last column (j = 0) or the first (j = 2), plus the corner both removed. */
 static void tap_edges(const float *t, float *e) {
@@ -170,7 +170,7 @@ static long scratch_floats(long c, long h, long w) {
     return scratch_layout(c, h, w, NULL, &S);
 }
 
-/* The end of step 1 for one channel: its edge sums (_edge_sums' order) from its row and column sums (pooled,
+/* The end of step 1 for one channel: its edge sums (algebra.edge_sums' order) from its row and column sums (pooled,
    H then W) and its corners x00, x0l, xl0, xll; then the sums made means. */
 static void edges_and_means(float *pooled, long H, long W, float x00, float x0l, float xl0, float xll, float *e) {
     float *rows = pooled, *cols = pooled + H, total = 0.f;
@@ -182,7 +182,7 @@ static void edges_and_means(float *pooled, long H, long W, float x00, float x0l,
     for (long j = 0; j < W; j++) cols[j] *= rh;
 }
 
-/* Step 4 of both forwards: s2 = softmax(edges . taps_e / P + b3) into s2, then k (as _coefficients); returns the
+/* Step 4 of both forwards: s2 = softmax(edges . taps_e / P + b3) into s2, then k (as algebra.coefficients); returns the
    constant of cross. */
 static float coefficients(const Args *A, const Shared *S, const float *edges, const float *sums,
                           const float *squares, long P, float *s2, float *k) {
@@ -230,7 +230,7 @@ static void gates_of(const Args *A, const Shared *S, const float *pooled, long L
     sigmoid_inplace(gates, c * L);
 }
 
-/* The shift of _shift for one channel, from its gates and row means. */
+/* The shift of algebra.shift for one channel, from its gates and row means. */
 static float shift_of(const float *gh, const float *gw, const float *rows, long H, long W) {
     float sh = 0.f, sw = 0.f;
     for (long i = 0; i < H; i++) sh += gh[i] * rows[i];
@@ -308,7 +308,7 @@ static void group_forward(const Args *A, const Shared *S, long g, float *scratch
     /* 2. gates = sigmoid(w1 @ pooled + b1). */
     gates_of(A, S, pooled, L, gates);
 
-    /* 3. a - shift (the shift of _shift), into apad, and its sum and sum of squares. Whole vectors along each
+    /* 3. a - shift (the shift of algebra.shift), into apad, and its sum and sum of squares. Whole vectors along each
        padded row, lanes past its end masked (stored as zeros, overwritten by the next row), summed in vector
        registers over the channel: a short row then costs one vector, not a vector, a scalar tail and a
        horizontal sum. */

@@ -2,10 +2,10 @@
 
 As PyTorch ops, or as what torch.compile makes of them, the layer is many passes over the input with
 batched matrix products of tiny inner sizes in between, several times resnet50's own compiled time on an
-H200 (the README's "Speed" section has the figures). Here:
+H200 (docs/performance.md has the figures). Here:
 
 * ``pool``: row and column means and the nine edge sums per channel, one read of the input;
-* PyTorch between them (``ema._forward_gpu``): the gates, the shift and s2, small batched matrix products;
+* PyTorch between them (``ops.forward_triton``): the gates, the shift and s2, small batched matrix products;
 * ``apply``: the sums of a - shift and a^2, then k, the bias, the one-output 3x3 term and the output, per
   group, so the second read of the group comes from cache: one more read of the input and one write.
 
@@ -57,7 +57,7 @@ def _pool_kernel(x_ptr, pooled_ptr, edges_ptr, groups, c, H, W, sb, sc, sh, sw,
         last_row += tl.sum(tl.where(h0 + h2 == H - 1, rows, 0.), 1)
         cols += tl.sum(xt, 1)
     tl.store(pooled + H + w2, cols / H, mask=(c2 < c) & (w2 < W))
-    # The nine edge sums of ema._edge_sums: total, first/last row, first/last column, four corners.
+    # The nine edge sums of algebra.edge_sums: total, first/last row, first/last column, four corners.
     cm = c1 < c
     edges = edges_ptr + pid.to(tl.int64) * c * 9 + c1 * 9
     tl.store(edges, tl.sum(cols, 1), mask=cm)
@@ -106,7 +106,7 @@ def _apply_kernel(x_ptr, out_ptr, gate_ptr, sums_ptr, gates_ptr, shift_ptr, s2_p
     tl.store(sums, s, mask=cm)
     tl.store(sums + tl.num_programs(0) * c, q, mask=cm)
 
-    # s2 . gn(a) = k . (a - shift) + sum_o s2 (beta - gamma mu rstd), as ema._coefficients.
+    # s2 . gn(a) = k . (a - shift) + sum_o s2 (beta - gamma mu rstd), as algebra.coefficients.
     pixels = H * W
     mu = s / pixels
     rstd = tl.rsqrt(tl.maximum(q / pixels - mu * mu, 0.) + eps)

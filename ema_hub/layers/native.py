@@ -3,7 +3,7 @@ with the system's C compiler.
 
 The eager layer is memory bound: as PyTorch ops its forward makes about a dozen passes over the input, its
 backward more. The kernels make one per group (c channels of one sample, held in a core's cache from the
-first step to the last; the README's "Speed" section has what that bought). They compute the
+first step to the last; docs/performance.md has what that bought). They compute the
 same as ``eager.forward`` and ``eager.backward_full_size``, which stay the path for other devices and dtypes
 and wherever the kernels cannot be built.
 

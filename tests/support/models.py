@@ -10,8 +10,8 @@ import torch
 
 from ema_hub import EMA, VARIANTS
 
-__all__ = ['LABELS', 'FAMILIES', 'acting', 'grafted_cnn', 'random_base', 'serve_base', 'rel_err', 'trained_ema', 'tiny_checkpoint',
-           'train_py_checkpoint']
+__all__ = ['LABELS', 'FAMILIES', 'acting', 'acting_layer', 'grafted_cnn', 'random_base', 'serve_base', 'rel_err',
+           'trained_ema', 'tiny_checkpoint', 'train_py_checkpoint']
 
 # The label names of ``tiny_checkpoint``.
 LABELS = ['ant', 'bee', 'cat', 'dog', 'eel']
@@ -31,6 +31,17 @@ def acting(model: torch.nn.Module) -> torch.nn.Module:
                 for p in m.parameters():
                     p.normal_(0, 0.3)
     return model.eval()
+
+
+def acting_layer(channels: int = 64, factor: int = 32, seed: int = 0) -> EMA:
+    """An ``EMA(channels, factor)`` (train mode) with every parameter drawn from N(0, 0.5) after
+    ``torch.manual_seed(seed)``, so that every term of the layer acts; the layer tests' bounds hold for these draws."""
+    torch.manual_seed(seed)
+    layer = EMA(channels, factor)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+    return layer
 
 
 def random_base(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
