@@ -7,7 +7,7 @@ sigmoid(0)) and the factor 2 is folded into the layer that feeds it. conv1x1 kee
 receives gradient as soon as gn.weight leaves zero.
 """
 import functools
-from typing import Collection, Dict, Iterator, Optional, Set, Tuple
+from typing import Collection, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from .registry import FAMILIES, VARIANTS, Variant
 from .specs import CHECKPOINT_SOURCES
 
 __all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'as_variant_state', 'half_state', 'warm_start_state_dict',
-           'check_state_dict', 'loads_weights', 'without_foreign_labels']
+           'check_state_dict', 'loads_weights', 'names_checkpoint', 'without_foreign_labels', 'label_names',
+           'class_labels']
 
 # cfg fields that say where the base's weights live, replaced by the warm tag's own.
 _SOURCE_FIELDS = ('url', 'file', 'state_dict', 'source', 'architecture', 'tag', 'hf_hub_filename')
@@ -184,5 +185,29 @@ def loads_weights(pretrained: bool, pretrained_cfg) -> bool:
     Those specs name a checkpoint, so ``timm.create_model('hf-hub:<repo>')`` loads its weights without
     ``pretrained=True`` (for timm's own models that flag is needed).
     """
-    source = pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, 'source', None)
-    return bool(pretrained) or source in CHECKPOINT_SOURCES
+    return bool(pretrained) or names_checkpoint(pretrained_cfg)
+
+
+def names_checkpoint(pretrained_cfg) -> bool:
+    """Whether a pretrained cfg (a dict or timm's PretrainedCfg, or None) comes from an ``hf-hub:``/``local-dir:``
+    spec: its ``source`` is one of ``CHECKPOINT_SOURCES``."""
+    source = (pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict)
+              else getattr(pretrained_cfg, 'source', None))
+    return source in CHECKPOINT_SOURCES
+
+
+def label_names(model: nn.Module) -> Optional[List[str]]:
+    """The model's class names as its pretrained cfg gives them (ImageNet synsets, folder names), one per class."""
+    names = (getattr(model, 'pretrained_cfg', {}) or {}).get('label_names')
+    if not names or len(names) != getattr(model, 'num_classes', len(names)):
+        return None
+    return [str(n) for n in names]
+
+
+def class_labels(model: nn.Module) -> Optional[List[str]]:
+    """Human-readable class names from the model's pretrained cfg (ImageNet descriptions, or folder names)."""
+    names = label_names(model)
+    if names is None:
+        return None
+    descriptions = model.pretrained_cfg.get('label_descriptions') or {}
+    return [descriptions.get(n, n) for n in names]

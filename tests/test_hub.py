@@ -1,6 +1,6 @@
-"""Models and weights on the Hub (ema_hub/hub.py): create, describe, list, download, publish and convert, through
-the real huggingface_hub client and timm's loader, against a loopback Hub; every fault a specific exception with
-a one-line message naming the problem and the fix."""
+"""Models and weights on the Hub (ema_hub/hub.py and what it re-exports: loading, lookup, checkpoints, catalog):
+create, describe, list, download, publish and convert, through the real huggingface_hub client and timm's loader,
+against a loopback Hub; every fault a specific exception with a one-line message naming the problem and the fix."""
 import json
 import os
 import subprocess

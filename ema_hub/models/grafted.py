@@ -14,9 +14,8 @@ from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from ..graft import add_ema, graft_family
-from ..pretrained import checkpoint_filter_fn, loads_weights, without_foreign_labels
+from ..pretrained import checkpoint_filter_fn, loads_weights, names_checkpoint, without_foreign_labels
 from ..registry import EMA_FACTOR, VARIANTS
-from ..specs import CHECKPOINT_SOURCES
 
 ARCHITECTURE = 'ema_grafted'
 
@@ -46,9 +45,7 @@ def ema_grafted(pretrained: bool = False, base: str = 'resnet50', after: Optiona
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
     kwargs.pop('cache_dir', None)
     after = list(after) if after is not None else None
-    source = (pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict)
-              else getattr(pretrained_cfg, 'source', None))
-    if source in CHECKPOINT_SOURCES:  # a saved grafted model: its weights have EMA's
+    if names_checkpoint(pretrained_cfg):  # a saved grafted model: its weights have EMA's
         def graft(**model_kwargs) -> nn.Module:
             return add_ema(timm.create_model(base, **model_kwargs), after, factor)
         return without_foreign_labels(build_model_with_cfg(
