@@ -36,6 +36,7 @@ def head_size(state: Dict[str, torch.Tensor], model: str) -> Optional[int]:
     head = next((state[f'{n}.weight'] for n in names if f'{n}.weight' in state), None)
     return int(head.shape[0]) if head is not None else None
 
+
 # Where a checkpoint keeps its weights, in timm's order (timm.models.load_state_dict), then other scripts' names.
 _WRAPPERS = ('state_dict', 'model', 'model_state_dict', 'module', 'net')
 # timm's averaged copy of the weights (train.py --model-ema), which use_ema takes, as timm's scripts' --use-ema do.

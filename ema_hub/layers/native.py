@@ -70,9 +70,10 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(x: torch.Tensor, params: List[torch.Tensor]) -> bool:
-    """Whether ``forward`` takes this input: fp32 on the CPU, parameters likewise, kernel available."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32
+def supports(x: torch.Tensor, params: List[torch.Tensor], dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether ``forward`` takes this input once it is in ``dtype`` (default: its own): fp32 on the CPU, parameters
+    likewise, kernel available."""
+    return (x.device.type == 'cpu' and (dtype or x.dtype) == torch.float32
             and all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in params) and available())
 
 

@@ -83,8 +83,7 @@ def _run(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Ten
     # autograd's rules (a residual `+=` after the layer)
     layout = _output_format(x, keep_layout)
     out = torch.empty_like(x, dtype=dtype, memory_format=layout)
-    if native.supports(x[:0].to(dtype), list(p)):  # (an empty slice: the question costs no pass over x)
-        # half precision: widened in one pass for the float32 kernel
+    if native.supports(x, list(p), dtype):  # half precision: widened in one pass for the float32 kernel
         gate, pooled, edges, sums = native.forward(x.to(dtype, memory_format=layout), groups, p, eps, out)
     else:
         gx = grouped(x, groups).to(dtype).contiguous()
