@@ -2,7 +2,7 @@
 model runs in: eager, torch.compile and onnxruntime on the CPU (eager and torch.compile on CUDA).
 
 Run ``ema-hub benchmark [--quick] [--modes eager,compiled,onnxruntime] [--threads 2] [--batch 8] [--repeats N]
-[--device cpu|cuda] [--no-paper-form] [--amp]`` (or ``python -m ema_hub_benchmarks.speed`` with the same options).
+[--device cpu|cuda] [--no-paper-form] [--amp] [--markdown]`` (or ``python -m ema_hub_benchmarks.speed`` with the same options).
 
 Everything runs in one process and the candidates are interleaved round-robin (each repeat times every
 candidate once, in turn, the order reversed every other round), so that load on a shared machine and one
@@ -29,13 +29,16 @@ counted with saved_tensors_hooks) is printed beside it.
 
 On CUDA (``--device cuda``) the networks run channels_last under bf16 autocast (batch 256 unless given)
 and report throughput in images/s. ``--amp`` runs the CPU's networks under bf16 autocast too (the layer table
-stays fp32).
+stays fp32). ``--markdown`` prints the same tables in Markdown under a heading with the date, the machine and the
+versions: the docs' measurement tables are this output.
 """
 import argparse
+import datetime
 import itertools
+import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -264,19 +267,32 @@ def bench_networks(device: str, modes: List[str], batch: int, repeats: int, img:
     return results
 
 
-def _fmt_ms(sec: float) -> str:
-    return f'{sec * 1e3:9.1f}'
+class Table(NamedTuple):
+    """One printed table: its title, column headers and rows of cells, rendered as aligned text or Markdown."""
+    title: str
+    header: List[str]
+    rows: List[List[str]]
+
+    def render(self, markdown: bool) -> str:
+        if markdown:
+            lines = [f'### {self.title}', '', '| ' + ' | '.join(self.header) + ' |', '|' + '---|' * len(self.header)]
+            return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in self.rows]) + '\n'
+        widths = [max(len(cell) for cell in column) for column in zip(self.header, *self.rows)]
+        def line(cells):  # the first column left-aligned, numbers right-aligned
+            return ' '.join(c.ljust(n) if i == 0 else c.rjust(n) for i, (c, n) in enumerate(zip(cells, widths)))
+        return '\n'.join([f'## {self.title}', line(self.header)] + [line(row).rstrip() for row in self.rows])
 
 
 def run(device: str = 'cpu', threads: int = 2, batch: Optional[int] = None, repeats: Optional[int] = None,
         quick: bool = False, modes: Optional[List[str]] = None, paper_form: bool = True,
-        amp: bool = False) -> Dict[str, bool]:
+        amp: bool = False, markdown: bool = False) -> Dict[str, bool]:
     """Measures and prints the tables; returns each target's name and whether this run met it.
 
     batch: 8 on CPU (2 with ``quick``), 256 on CUDA; repeats: timed rounds per measurement, 7 (1 with ``quick``);
     modes: a subset of ``MODES[device]`` (default: all). ``quick`` shrinks the shapes to check that everything
     runs: its numbers mean nothing. Without ``paper_form`` the networks leave the paper form out (the layer table
-    keeps it). ``amp``: the CPU's networks under bf16 autocast.
+    keeps it). ``amp``: the CPU's networks under bf16 autocast. ``markdown``: the tables in Markdown, under a
+    heading with the date and the machine, as the docs hold them.
     """
     if device == 'cuda' and not torch.cuda.is_available():
         raise UsageError('CUDA is not available on this machine: benchmark with --device cpu')
@@ -288,70 +304,100 @@ def run(device: str = 'cpu', threads: int = 2, batch: Optional[int] = None, repe
     repeats = repeats or (1 if quick else 7)
     warmup = 0 if quick else 1
     met: Dict[str, bool] = {}
+    tables: List[Table] = []
     if device == 'cuda':
         batch = batch or 256
-        print(f'# CUDA {torch.cuda.get_device_name()}, bf16 autocast, channels_last, batch {batch}, '
-              f'{repeats} interleaved rounds; torch {torch.__version__}')
-        print(f'# EMA forward: {implementation("cuda")}')
-        img = 224
+        setting = f'bf16 autocast, channels_last, batch {batch}'
     else:
         batch = batch or (2 if quick else 8)
-        print(f'# CPU, {threads} threads, {"networks in bf16 autocast" if amp else "fp32"}, batch {batch}, {repeats} interleaved rounds '
-              '(times: medians; ratios: medians of the per-round ratios)'
-              + (' (QUICK: reduced shapes, numbers not meaningful)' if quick else ''))
-        print(f'# EMA forward and backward: {implementation("cpu")}')
-        _print_layer(bench_layer(batch, repeats, quick, 'cpu', warmup), met)
-        img = 32 if quick else 224
+        setting = f'{threads} threads, {"networks in bf16 autocast" if amp else "fp32"}, batch {batch}'
+    print(_heading(device, setting, repeats, quick, markdown), flush=True)  # (builds the CPU kernels: not timed)
+    if device == 'cpu':
+        tables.append(_layer_table(bench_layer(batch, repeats, quick, 'cpu', warmup), met))
+    img = 32 if quick and device == 'cpu' else 224
     res = bench_networks(device, modes, batch, repeats, img, threads, warmup, paper_form, amp)
-    _print_networks(res, img, batch)
+    tables += _network_tables(res, img, batch)
     _check_targets(device, res, met)
-    _print_targets(met)
+    tables.append(Table('targets', ['result', 'target'],
+                        [['MET' if ok else 'NOT MET', name] for name, ok in met.items()]))
+    print('\n'.join(table.render(markdown) for table in tables))
     return met
 
 
-def _print_layer(rows: List[dict], met: Dict[str, bool]) -> None:
-    print('## layer, eager: EMA vs paper form (ms; speedup = ref / ema, target >= 2x)')
-    print(f'{"shape (C,H=W)":14s} {"inf ref":>9s} {"inf ema":>9s} {"speedup":>8s} {"train ref":>9s} {"train ema":>9s} '
-          f'{"speedup":>8s}')
+def _heading(device: str, setting: str, repeats: int, quick: bool, markdown: bool) -> str:
+    """What was run, where and with what: the docs' tables carry it."""
+    import timm
+    machine = torch.cuda.get_device_name() if device == 'cuda' else _cpu_name()
+    versions = f'torch {torch.__version__}, timm {timm.__version__}'
+    detail = (f'{machine}; {setting}, {repeats} interleaved rounds (times: medians; ratios: medians of the '
+              f'per-round ratios); {versions}; EMA: {implementation(device)}'
+              + ('; QUICK: reduced shapes, numbers not meaningful' if quick else ''))
+    if markdown:
+        return f'## {device.upper()}, {datetime.date.today().isoformat()}\n\n{detail}.\n'
+    return f'# {device.upper()}: {detail}'
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+    except OSError:
+        name = ''
+    return f'{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores, {platform.system()})'
+
+
+def _ms(sec: float) -> str:
+    return f'{sec * 1e3:.1f}'
+
+
+def _layer_table(rows: List[dict], met: Dict[str, bool]) -> Table:
+    cells = []
     for r in rows:
         si, st = r['inf_speedup'], r['tr_speedup']
         met[f'layer {r["shape"]} inference speedup >= {LAYER_SPEEDUP:g}x'] = si >= LAYER_SPEEDUP
         met[f'layer {r["shape"]} train speedup >= {LAYER_SPEEDUP:g}x'] = st >= LAYER_SPEEDUP
-        print(f'{r["shape"]:14s} {_fmt_ms(r["inf_ref"])} {_fmt_ms(r["inf_ema"])} {si:7.2f}x '
-              f'{_fmt_ms(r["tr_ref"])} {_fmt_ms(r["tr_ema"])} {st:7.2f}x')
+        cells.append([r['shape'], _ms(r['inf_ref']), _ms(r['inf_ema']), f'{si:.2f}x', _ms(r['tr_ref']),
+                      _ms(r['tr_ema']), f'{st:.2f}x'])
+    return Table(f'layer, eager: EMA vs paper form (ms; speedup = ref / ema, target >= {LAYER_SPEEDUP:g}x)',
+                 ['shape (C,H=W)', 'inf ref', 'inf ema', 'speedup', 'train ref', 'train ema', 'speedup'], cells)
 
 
-def _print_networks(res: Dict[str, dict], img: int, batch: int) -> None:
-    print(f'## networks, {img}x{img}: ms per batch; ratios of resnet50_ema (ema) and the paper form (paper) over '
-          'resnet50 run the same way, and of ema over paper, each timed in a pair of its own')
-    print(f'{"mode":12s} {"kind":10s} {"resnet50":>9s} {"ema":>9s} {"paper":>9s} {"ema/r50":>8s} {"paper/r50":>9s} '
-          f'{"ema/paper":>9s} {"img/s ema":>9s}')
+def _network_tables(res: Dict[str, dict], img: int, batch: int) -> List[Table]:
+    rows = []
     for mode, kinds in res.items():
         for kind in ('inference', 'train'):
             if kind not in kinds:
                 continue
             ms, ratio = kinds[kind]['ms'], kinds[kind]['ratio']
-            print(f'{mode:12s} {kind:10s} {ms["resnet50"]:9.1f} {ms["resnet50_ema"]:9.1f} '
-                  f'{_cell(ms.get("paper_form"), 1)} {ratio[("resnet50_ema", "resnet50")]:8.2f} '
-                  f'{_cell(ratio.get(("paper_form", "resnet50")), 2)} '
-                  f'{_cell(ratio.get(("resnet50_ema", "paper_form")), 2)} {batch / ms["resnet50_ema"] * 1e3:9.1f}')
+            rows.append([mode, kind, f'{ms["resnet50"]:.1f}', f'{ms["resnet50_ema"]:.1f}',
+                         _cell(ms.get('paper_form'), 1),
+                         f'{ratio[("resnet50_ema", "resnet50")]:.2f}', _cell(ratio.get(('paper_form', 'resnet50')), 2),
+                         _cell(ratio.get(('resnet50_ema', 'paper_form')), 2),
+                         f'{batch / ms["resnet50_ema"] * 1e3:.1f}'])
+    tables = [Table(f'networks, {img}x{img}: ms per batch; ratios of resnet50_ema (ema) and the paper form (paper) '
+                    'over resnet50 run the same way, and of ema over paper, each timed in a pair of its own',
+                    ['mode', 'kind', 'resnet50', 'ema', 'paper', 'ema/r50', 'paper/r50', 'ema/paper', 'img/s ema'],
+                    rows)]
     if 'memory' in res.get('eager', {}):
         memory = res['eager']['memory']
         base_peak, base_saved = memory['resnet50']
-        print('## eager training memory, fp32 (MiB; ratio over resnet50): peak of a training step, activations saved')
-        for name, (peak, saved) in memory.items():
-            print(f'{name:14s} {peak / 2**20:9.1f} {peak / base_peak:6.2f} {saved / 2**20:9.1f} '
-                  f'{saved / base_saved:6.2f}')
-    for mode, kinds in res.items():
-        if 'export_s' in kinds:
-            e = kinds['export_s']
-            print(f'## {mode} export (torch.onnx.export, checked): ' + ', '.join(f'{k} {v:.1f} s' for k, v in e.items())
-                  + f'; resnet50_ema / resnet50 {e["resnet50_ema"] / e["resnet50"]:.2f}')
+        tables.append(Table(
+            'eager training memory, fp32 (MiB; ratio over resnet50): peak of a training step, activations saved',
+            ['network', 'peak', 'ratio', 'saved', 'ratio'],
+            [[name, f'{peak / 2**20:.1f}', f'{peak / base_peak:.2f}', f'{saved / 2**20:.1f}',
+              f'{saved / base_saved:.2f}'] for name, (peak, saved) in memory.items()]))
+    exports = [[mode, f'{e["resnet50"]:.1f}', f'{e["resnet50_ema"]:.1f}', f'{e["resnet50_ema"] / e["resnet50"]:.2f}']
+               for mode, e in ((m, k['export_s']) for m, k in res.items() if 'export_s' in k)]
+    if exports:
+        tables.append(Table('ONNX export (torch.onnx.export, checked), seconds', ['mode', 'resnet50', 'resnet50_ema',
+                                                                                   'ratio'], exports))
+    return tables
 
 
 def _cell(value: Optional[float], digits: int) -> str:
-    """A 9-wide table cell; '-' for a network left out (the paper form's)."""
-    return f'{value:9.{digits}f}' if value is not None else f'{"-":>9s}'
+    """A number, or '-' for a network left out (the paper form's)."""
+    return f'{value:.{digits}f}' if value is not None else '-'
 
 
 def _check_targets(device: str, res: Dict[str, dict], met: Dict[str, bool]) -> None:
@@ -371,12 +417,6 @@ def _check_targets(device: str, res: Dict[str, dict], met: Dict[str, bool]) -> N
             met[f'{mode} {kind} ratio resnet50_ema / resnet50 <= {bound:g}'] = value <= bound
 
 
-def _print_targets(met: Dict[str, bool]) -> None:
-    print('## targets')
-    for name, ok in met.items():
-        print(f'{"MET    " if ok else "NOT MET"} {name}')
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog='python -m ema_hub_benchmarks.speed', description=__doc__.split('\n')[0])
     ap.add_argument('--threads', type=int, default=2)
@@ -387,10 +427,11 @@ def main(argv=None) -> int:
     ap.add_argument('--modes', default=None, help='comma-separated: eager, compiled, onnxruntime (default: all)')
     ap.add_argument('--no-paper-form', action='store_true', help='networks without the paper form (the layer keeps it)')
     ap.add_argument('--amp', action='store_true', help='the networks on the CPU under bf16 autocast (as on CUDA)')
+    ap.add_argument('--markdown', action='store_true', help='Markdown tables under a dated heading naming the machine')
     args = ap.parse_args(argv)
     try:
         run(args.device, args.threads, args.batch, args.repeats, args.quick,
-            args.modes.split(',') if args.modes else None, not args.no_paper_form, args.amp)
+            args.modes.split(',') if args.modes else None, not args.no_paper_form, args.amp, args.markdown)
     except ValueError as e:
         ap.error(str(e))
     return 0

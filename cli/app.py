@@ -11,7 +11,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 
-from . import export, train
+from . import explain, export, train
 from .common import (
     CONTEXT, AmpOpt, BatchOpt, ChannelsLastOpt, DebugOpt, DeviceOpt, ModelOpt, PathsArg, UseEmaOpt, WeightsOpt,
     WorkersOpt, errors,
@@ -311,6 +311,9 @@ def benchmark(
                                                  'cores.')] = True,
         amp: Annotated[bool, typer.Option(
             '--amp', help='On the cpu, the networks under bf16 autocast (on cuda they always are).')] = False,
+        markdown: Annotated[bool, typer.Option(
+            '--markdown', help='The tables in Markdown, under a heading with the date, the machine and the versions '
+                               '(as docs/performance.md holds them).')] = False,
         debug: DebugOpt = False,
 ) -> None:
     """Time EMA against the paper's straightforward form, alone and in ResNet-50, in every mode, and print the
@@ -323,11 +326,13 @@ def benchmark(
     with errors(debug):
         from ema_hub_benchmarks import speed
 
-        speed.run(device.value, threads, batch, repeats, quick, modes.split(',') if modes else None, paper_form, amp)
+        speed.run(device.value, threads, batch, repeats, quick, modes.split(',') if modes else None, paper_form, amp,
+                  markdown)
 
 
 train.register(app)
 export.register(app)
+explain.register(app)
 
 
 def main() -> None:

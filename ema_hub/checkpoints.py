@@ -13,8 +13,8 @@ from safetensors import SafetensorError
 
 from .errors import CorruptWeightsError, UsageError, WeightsUnavailableError
 from .files import atomic_path
-from .layers import EMA
 from .lookup import resolve_model
+from .placement import ema_sites, move_attention_keys
 from .pretrained import check_state_dict
 from .specs import PathLike, parse_spec
 
@@ -118,7 +118,6 @@ def _refused_globals(path: Path) -> List[str]:
 
 # The paper's code names the attention module freely (ema, attention, ...); timm's slot is `se`.
 _PAPER_ATTENTION = re.compile(r'^(?P<block>.+)\.(?P<attn>[^.]+)\.(?P<part>gn|conv1x1|conv3x3)\.(?P<param>weight|bias)$')
-_SE_KEY = re.compile(r'^(?P<block>.+)\.se\.(?P<rest>(?![01]\.).+)$')  # a squeeze-excitation key, not yet se.0/se.1
 
 
 def convert_checkpoint(source: PathLike, variant: str, out: PathLike, use_ema: bool = False) -> Dict[str, object]:
@@ -136,20 +135,19 @@ def convert_checkpoint(source: PathLike, variant: str, out: PathLike, use_ema: b
     state = read_checkpoint(source, use_ema)
     classes = head_size(state, model_name)
     model = timm.create_model(model_name, pretrained=False, **({'num_classes': classes} if classes else {}))
-    # Where each block's EMA sits: timm's attention slot `se`, or `se.1` after the block's own SE (at `se.0`).
-    ema_at = {name.rsplit('.se', 1)[0]: name for name, m in model.named_modules() if isinstance(m, EMA)}
-    behind_se = {block for block, name in ema_at.items() if name.endswith('.se.1')}
+    ema_at = {site.block: site for site in ema_sites(model)}
     renamed = 0
     converted = {}
     for key, tensor in state.items():
         match = _PAPER_ATTENTION.match(key)
-        block = match.group('block') if match else None
-        if match and block in ema_at and key != f"{ema_at[block]}.{match.group('part')}.{match.group('param')}":
-            key = f"{ema_at[block]}.{match.group('part')}.{match.group('param')}"
+        site = ema_at.get(match.group('block')) if match else None
+        if site and key != f"{site.name}.{match.group('part')}.{match.group('param')}":
+            key = f"{site.name}.{match.group('part')}.{match.group('param')}"
             renamed += 1
-        elif (se := _SE_KEY.match(key)) and se.group('block') in behind_se:
-            key = f"{se.group('block')}.se.0.{se.group('rest')}"
         converted[key] = tensor.contiguous()
+    for site in ema_at.values():
+        if site.joined_attention:
+            move_attention_keys(converted, site.block)
     check_state_dict(converted, model, str(source))
     out = Path(out)
     with atomic_path(out) as tmp:

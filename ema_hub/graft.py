@@ -3,8 +3,8 @@
 Every grafted layer starts as x -> x/2 (``pretrained.half_state``: gn and conv3x3 zero, so both softmaxes are
 uniform and every gate is sigmoid(0)), and the factor 2 is compensated exactly:
 
-* ``after=None``, a timm model of a supported family: EMA goes where the family's variant has it (the registry's
-  ``FAMILIES``) and the 2 folds into the linear layer next to it, as the warm start does, so the result is the
+* ``after=None``, a timm model of a supported family: EMA goes where the family's variant has it
+  (``placement.FAMILIES``) and the 2 folds into the linear layer next to it, as the warm start does, so the result is the
   named variant's warm start (``pretrained.warm_start_state_dict`` of the model's own weights).
 * ``after=[names]``, any module: EMA runs on each named submodule's output through a forward hook that returns
   2 * EMA(output). The layer after it may be anything (a ReLU, a concatenation), so the 2 stays in the hook,
@@ -13,13 +13,15 @@ uniform and every gate is sigmoid(0)), and the factor 2 is compensated exactly:
   under ``<name>.ema`` (for an nn.Sequential, which runs every child it holds, under its last layer's name),
   so a grafted model's state dict loads into a freshly grafted copy.
 """
-from typing import Iterable, List, Optional, Sequence, Tuple
+from operator import attrgetter
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .errors import UsageError
 from .layers import EMA
+from .placement import ATTENTION_SLOT, Site, find_sites, join_attention
 from .pretrained import half_state, warm_start_state_dict
 from .registry import EMA_FACTOR
 
@@ -40,8 +42,8 @@ def add_ema(model: nn.Module, after: Optional[Sequence[str]] = None, factor: int
     """
     if after is None:
         base = model.state_dict()
-        family = graft_family(model, factor)
-        model.load_state_dict(warm_start_state_dict(base, model, family))
+        graft_family(model, factor)
+        model.load_state_dict(warm_start_state_dict(base, model))
         return model
     names = [after] if isinstance(after, str) else list(after)
     modules = [_submodule(model, name) for name in names]
@@ -56,31 +58,55 @@ def add_ema(model: nn.Module, after: Optional[Sequence[str]] = None, factor: int
 
 
 def graft_family(model: nn.Module, factor: int = EMA_FACTOR) -> str:
-    """EMA (freshly initialised) into every block of ``model`` at its family's placement, in the block's attention
-    slot ``se``; returns the family (a key of ``FAMILIES``). The variants' builders use this; ``add_ema`` then
-    maps the model's own weights through the warm start.
-
-    ResNet: every residual block, after its last BatchNorm. timm's EfficientNet builder: the rule of the paper's
-    timm fork, EMA after SE (where the block has one) and before the pointwise projection, in an inverted
-    residual whose expanded width exceeds 144 and a depthwise-separable block whose width exceeds 320.
-    ConvNeXt: every block, after the MLP and before the layer scale (``ChannelsLastEMA`` in the MLP's last slot).
-    """
-    blocks = list(_family_blocks(model))
-    if not blocks:
-        raise UsageError(f'{type(model).__name__} has no block add_ema knows (ResNet, EfficientNet-builder blocks); '
-                         f'name the layers to add EMA after with after=[...]')
-    for family, block, channels in blocks:
+    """EMA (freshly initialised) into every block of ``model`` at its family's sites (``placement.FAMILIES``);
+    returns the family. The variants' builders use this; ``add_ema`` then maps the model's own weights through the
+    warm start."""
+    sites = list(find_sites(model))
+    if not sites:
+        raise UsageError(f'{type(model).__name__} has no block add_ema knows (ResNet, EfficientNet-builder and '
+                         f'ConvNeXt blocks); name the layers to add EMA after with after=[...]')
+    for _, block, _, site in sites:
+        channels = site.channels(block)
         if channels is None:
-            continue  # a block the placement rule leaves out
-        if family == 'resnet' and block.se is not None:
-            raise UsageError(f'{type(block).__name__} already has an attention layer (se); name the layers to '
-                             f'add EMA after with after=[...]')
+            continue  # a block the placement leaves out
+        _check_site(block, site)
         ema = _new_ema(channels, factor, block)
-        if family == 'convnext':  # after the MLP, in its last slot (its dropout), before the layer scale
-            block.mlp.drop2 = ChannelsLastEMA(ema, block.mlp.drop2)
-        else:  # timm's attention slot; after an existing squeeze-excitation in EfficientNet-builder blocks
-            block.se = ema if block.se is None or isinstance(block.se, nn.Identity) else nn.Sequential(block.se, ema)
-    return blocks[0][0]
+        holder, slot = _parent(block, site.slot)
+        current = getattr(holder, slot)
+        if site.channels_last:
+            setattr(holder, slot, ChannelsLastEMA(ema, current))
+        else:
+            setattr(holder, slot, join_attention(current, ema))
+    return sites[0][2]
+
+
+def _check_site(block: nn.Module, site: Site) -> None:
+    """A UsageError where ``block`` is a form its site does not fit, or lacks what the site needs: the slot, the
+    layer the warm start folds into, a free attention slot where the site does not join an SE."""
+    def get(path):
+        try:
+            return attrgetter(path)(block)
+        except AttributeError:
+            return None
+    kind = type(block).__name__
+    if site.unfit_if and getattr(block, site.unfit_if):
+        raise UsageError(f'this {kind} has {site.unfit_if} set, a form EMA\'s placement does not fit; name the layers '
+                         f'to add EMA after with after=[...]')
+    holder, slot = _parent(block, site.slot)
+    if not hasattr(holder, slot) or get(site.fold_into) is None:
+        missing = site.slot if not hasattr(holder, slot) else site.fold_into
+        raise UsageError(f'this {kind} has no {missing}, which EMA\'s placement there needs; name the layers to add '
+                         f'EMA after with after=[...]')
+    taken = not isinstance(get(site.slot), (type(None), nn.Identity))
+    if site.slot == ATTENTION_SLOT and taken and not site.joins_attention:
+        raise UsageError(f'{kind} already has an attention layer ({site.slot}); name the layers to add EMA after '
+                         f'with after=[...]')
+
+
+def _parent(block: nn.Module, path: str) -> Tuple[nn.Module, str]:
+    """The module holding the attribute ``path`` of ``block``, and the attribute's own name."""
+    head, _, slot = path.rpartition('.')
+    return (attrgetter(head)(block) if head else block), slot
 
 
 class ChannelsLastEMA(nn.Module):
@@ -120,33 +146,6 @@ def _new_ema(channels: int, factor: int, near: nn.Module) -> EMA:
     ref = next(near.parameters(), None)
     return EMA(channels, factor, device=ref.device if ref is not None else None,
                dtype=ref.dtype if ref is not None else None)
-
-
-# The paper's timm fork adds EMA to an EfficientNet-builder block only above these widths.
-_MIN_INVERTED_RESIDUAL = 144   # InvertedResidual: mid_chs > 144
-_MIN_DEPTHWISE_SEPARABLE = 320  # DepthwiseSeparableConv: in_chs > 320
-
-
-def _family_blocks(model: nn.Module) -> Iterable[Tuple[str, nn.Module, Optional[int]]]:
-    """(family, block, the channels EMA gets there or None where the placement leaves the block out)."""
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
-    from timm.models.convnext import ConvNeXtBlock
-    from timm.models.resnet import BasicBlock, Bottleneck
-
-    for module in model.modules():
-        if isinstance(module, ConvNeXtBlock):
-            if module.use_conv_mlp or module.gamma is None:
-                raise UsageError('add_ema knows ConvNeXt blocks with a linear MLP and a layer scale (the '
-                                 'convnext_* models); name the layers to add EMA after with after=[...]')
-            yield 'convnext', module, module.conv_dw.out_channels
-        if isinstance(module, (Bottleneck, BasicBlock)):  # EMA's input: bn3 in bottlenecks, bn2 in basic blocks
-            yield 'resnet', module, (module.bn3 if hasattr(module, 'bn3') else module.bn2).num_features
-        elif isinstance(module, InvertedResidual):
-            mid = module.conv_pwl.in_channels
-            yield 'efficientnet', module, mid if mid > _MIN_INVERTED_RESIDUAL else None
-        elif isinstance(module, DepthwiseSeparableConv):
-            width = module.conv_pw.in_channels
-            yield 'efficientnet', module, width if width > _MIN_DEPTHWISE_SEPARABLE else None
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:

@@ -7,7 +7,7 @@ sigmoid(0)) and the factor 2 is folded into the layer that feeds it. conv1x1 kee
 receives gradient as soon as gn.weight leaves zero.
 """
 import functools
-from typing import Collection, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Collection, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +16,8 @@ from timm.models import get_pretrained_cfg
 
 from .errors import CheckpointKeysError, ShapeMismatchError
 from .layers import EMA
-from .registry import FAMILIES, VARIANTS, Variant
+from .placement import ema_sites, move_attention_keys
+from .registry import VARIANTS, Variant
 from .specs import CHECKPOINT_SOURCES
 
 __all__ = ['pretrained_cfgs', 'checkpoint_filter_fn', 'as_variant_state', 'half_state', 'warm_start_state_dict',
@@ -65,15 +66,6 @@ def pretrained_cfgs(family: str) -> Dict[str, Dict[str, object]]:
             for v in VARIANTS.values() if v.family == family for tag in v.base_tags}
 
 
-def _ema_layers(model: nn.Module) -> Iterator[Tuple[str, EMA]]:
-    return ((name, m) for name, m in model.named_modules() if isinstance(m, EMA))
-
-
-def _family(model: nn.Module) -> str:
-    arch = getattr(model, 'pretrained_cfg', {}).get('architecture', '')
-    return VARIANTS[arch].family
-
-
 def half_state(ema: EMA) -> Dict[str, torch.Tensor]:
     """A state for ``ema`` in which it computes x/2: gn and conv3x3 zero (both softmaxes uniform, every gate
     sigmoid(0)); conv1x1 keeps its random init, and gets gradient as soon as gn.weight moves."""
@@ -81,35 +73,18 @@ def half_state(ema: EMA) -> Dict[str, torch.Tensor]:
             for key, value in ema.state_dict().items()}
 
 
-def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module,
-                          family: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Map a base checkpoint into ``model`` (an EMA variant, or a model ``add_ema`` grafted in ``family``'s
-    placement) so that it computes the base's function."""
+def warm_start_state_dict(base_state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a base checkpoint into ``model`` (an EMA variant, or a model ``add_ema`` grafted at a family's sites) so
+    that it computes the base's function."""
     state = dict(base_state)
-    fold_into = FAMILIES[family or _family(model)].fold_into
-    for name, ema in _ema_layers(model):
-        slot = name.rsplit('.', 1)[0] if name.endswith('.1') else name  # EMA after a block's own SE: se.1
-        if slot != name:  # the SE's keys move under se.0
-            for key in [k for k in state if k.startswith(f'{slot}.')]:
-                state[f'{slot}.0.{key[len(slot) + 1:]}'] = state.pop(key)
-        for key in _fold_keys(name, state, fold_into):
+    for site in ema_sites(model):
+        if site.joined_attention:
+            move_attention_keys(state, site.block)
+        for key in site.fold_keys(state):
             state[key] = state[key] * 2
-        state.update((f'{name}.{key}', value) for key, value in half_state(ema).items())
+        ema = model.get_submodule(site.name)
+        state.update((f'{site.name}.{key}', value) for key, value in half_state(ema).items())
     return state
-
-
-def _fold_keys(name: str, state: Dict[str, torch.Tensor], fold_into: Tuple[str, ...]) -> Tuple[str, ...]:
-    """The keys the factor 2 multiplies for the EMA layer ``name``: the first of ``fold_into`` that the nearest
-    enclosing block has, a layer (weight and bias) or a parameter (ConvNeXt's layer scale ``gamma``)."""
-    parts = name.split('.')
-    for end in range(len(parts) - 1, 0, -1):
-        block = '.'.join(parts[:end])
-        for layer in fold_into:
-            if f'{block}.{layer}.weight' in state:
-                return tuple(k for k in (f'{block}.{layer}.weight', f'{block}.{layer}.bias') if k in state)
-            if f'{block}.{layer}' in state:
-                return (f'{block}.{layer}',)
-    raise KeyError(f'no {" or ".join(fold_into)} around {name} in the checkpoint')
 
 
 def as_variant_state(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

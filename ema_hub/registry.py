@@ -1,6 +1,6 @@
 """The one table of EMA variants: the single source of truth for models, pretrained tags, listings and cards.
 
-Every variant is its timm base architecture with EMA added at its family's placement (``FAMILIES``). Model
+Every variant is its timm base architecture with EMA added at its family's placement (``placement.FAMILIES``). Model
 registration (``ema_hub.models``), the pretrained cfgs and warm-start mapping (``ema_hub.pretrained``),
 the model cards (``ema_hub.cards``) and the CLI's listing are all generated from ``VARIANTS``.
 """
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Mapping, Tuple
 
 from .errors import UnknownModelError
+from .placement import FAMILIES, Family
 
 __all__ = ['Family', 'FAMILIES', 'Variant', 'VARIANTS', 'EMA_FACTOR', 'BASE_RESULTS', 'default_tag', 'get_variant']
 
@@ -114,36 +115,6 @@ BASE_RESULTS: Dict[str, Tuple[int, float, float]] = {
     'efficientnet_b1.ra4_e3600_r240_in1k': (240, 80.404, 95.152),
     'efficientnet_b2.ra_in1k': (256, 79.324, 94.582),
     'efficientnet_b3.ra2_in1k': (288, 81.472, 95.696),
-}
-
-@dataclass(frozen=True)
-class Family:
-    """Where EMA sits in an architecture family, and which layer the warm start scales by 2."""
-    placement: str                # in words: builders' docstrings, cards, the placement tests
-    fold_into: Tuple[str, ...]    # the layer feeding (or fed by) EMA, first one a block has
-    fold_words: str               # the same, in words for the cards
-
-
-FAMILIES = {
-    'resnet': Family(
-        placement='after the last BatchNorm of every residual block (bn2 in basic blocks, bn3 in bottlenecks), '
-                  'before the residual add: where timm places channel attention',
-        fold_into=('bn3', 'bn2'),
-        fold_words='the BatchNorm before it (`bn3` in bottlenecks, `bn2` in basic blocks, weight and bias)',
-    ),
-    'efficientnet': Family(
-        placement='after squeeze-excitation (or the depthwise convolution, in blocks without it) and before the '
-                  'pointwise projection, in every inverted residual whose expanded width exceeds 144 and every '
-                  'depthwise-separable block whose width exceeds 320: the rule of the paper\'s own timm fork',
-        fold_into=('conv_pwl', 'conv_pw'),
-        fold_words='the pointwise projection after it (`conv_pwl` in inverted residuals, `conv_pw` in '
-                   'depthwise-separable blocks, weight)',
-    ),
-    'convnext': Family(
-        placement='in every block, after the MLP and before the layer scale and the residual add',
-        fold_into=('gamma',),
-        fold_words='the layer scale after it (`gamma`)',
-    ),
 }
 
 

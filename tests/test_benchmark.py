@@ -1,5 +1,6 @@
 """`ema-hub benchmark --quick` runs and prints every row of its table (no timing assertions); `python -m
 ema_hub_benchmarks.speed`, the same function behind another entry point, answers a bad device in one line."""
+import datetime
 import re
 import subprocess
 import sys
@@ -33,24 +34,28 @@ def test_benchmark_quick_prints_full_table():
         assert m, f'no memory row for {net} in:\n{out}'
         if net == 'resnet50':
             assert [m.group(i) for i in (2, 4)] == ['1.00'] * 2
-    targets = re.findall(r'^(MET    |NOT MET) (.+)$', out, re.M)
+    targets = re.findall(r'^(MET|NOT MET) +(.+)$', out, re.M)
     assert len(targets) == cpu_target_count(['eager']), out
     assert all('eager' in name or 'layer' in name for _, name in targets), out
 
 
-def test_benchmark_without_the_paper_form_under_amp():
+def test_benchmark_without_the_paper_form_under_amp_in_markdown():
     """--no-paper-form leaves the paper form's network out (its compiled training step takes an hour to compile
     here): dashes in its columns, no memory row; the layer table still compares against it. --amp times the
-    networks under bf16 autocast, training step included."""
-    proc = run('ema-hub', 'benchmark', '--quick', '--modes', 'eager', '--no-paper-form', '--amp')
+    networks under bf16 autocast, training step included. --markdown: the same tables as the docs hold them,
+    under a heading with the date, the machine and the versions."""
+    proc = run('ema-hub', 'benchmark', '--quick', '--modes', 'eager', '--no-paper-form', '--amp', '--markdown')
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert out.startswith('# CPU, 2 threads, networks in bf16 autocast'), out
+    assert out.startswith(f'## CPU, {datetime.date.today().isoformat()}\n'), out
+    assert '2 threads, networks in bf16 autocast' in out and f'torch {torch.__version__}' in out, out
+    cell = r' \| ([0-9.]+)'
     for kind in ['inference', 'train']:
-        m = re.search(r'^eager\s+' + kind + NUM * 2 + r'\s+-' + NUM + r'\s+-\s+-' + NUM + r'\s*$', out, re.M)
+        m = re.search(r'^\| eager \| ' + kind + cell * 2 + r' \| -' + cell + r' \| - \| -' + cell + r' \|$', out, re.M)
         assert m, f'no eager {kind} row with the paper form left out in:\n{out}'
-    assert re.search(r'^resnet50_ema' + NUM * 4, out, re.M) and not re.search(r'^paper_form', out, re.M), out
-    assert re.search(r'^\(256,7\)' + NUM * 2 + r'\s+([0-9.]+)x', out, re.M), out
+    assert re.search(r'^\| resnet50_ema' + cell * 4 + r' \|$', out, re.M) and '| paper_form' not in out, out
+    assert re.search(r'^\| \(256,7\)' + cell * 2 + r' \| ([0-9.]+)x \|', out, re.M), out
+    assert len(re.findall(r'^\|(---\|)+$', out, re.M)) == 4, out  # layer, networks, memory, targets: a rule each
 
 
 @pytest.mark.parametrize('mode', ['compiled', 'onnxruntime'])

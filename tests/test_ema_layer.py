@@ -7,7 +7,7 @@ import torch
 
 from ema_hub import EMA, ema_groups
 from ema_hub.layers import eager, native
-from ema_hub.layers.algebra import ema_portable
+from ema_hub.layers.algebra import Edge, edge_taps, ema_portable, tap_edges
 from ema_hub.reference import ReferenceEMA
 from support.models import acting_layer, rel_err
 
@@ -272,3 +272,32 @@ def test_torch_func_per_sample_gradients():
         one = torch.autograd.grad(fast(x[i:i + 1]).square().sum(), list(fast.parameters()))
         for (name, _), g in zip(fast.named_parameters(), one):
             torch.testing.assert_close(batched[name][i], g, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('size', [(5, 7), (20, 18)])  # the small-map matrix path and the large-map one
+def test_edge_sums_sit_where_edge_names_them_in_every_form(size):
+    """``algebra.Edge`` is the one definition of the edge sums' order: the PyTorch ops, the C kernel (which gets
+    the positions from it at build time) and ``tap_edges`` all agree with it."""
+    h, w = size
+    x = torch.randn(2, 64, h, w)
+    gx = x.reshape(4, 32, h, w)
+    def named(g):
+        return {Edge.TOTAL: g.sum((2, 3)), Edge.FIRST_ROW: g[:, :, 0].sum(2), Edge.LAST_ROW: g[:, :, -1].sum(2),
+                Edge.FIRST_COL: g[:, :, :, 0].sum(2), Edge.LAST_COL: g[:, :, :, -1].sum(2),
+                Edge.X00: g[:, :, 0, 0], Edge.X0L: g[:, :, 0, -1], Edge.XL0: g[:, :, -1, 0], Edge.XLL: g[:, :, -1, -1]}
+    layer = EMA(64, 2)  # two groups of 32 channels, as gx has them
+    forms = {'eager': eager.pool(gx)[1]}
+    if native.available():
+        forms['native'] = native.forward(x, layer.groups, layer.params(), layer.tap_edges, layer.gn.eps,
+                                         torch.empty_like(x))[2]
+    for form, edges in forms.items():
+        for edge, want in named(gx).items():
+            torch.testing.assert_close(edges[:, :, edge], want, atol=1e-4, rtol=1e-5,
+                                       msg=lambda m: f'{form} {edge!r}: {m}')
+    # the sum of a zero-padded 3x3 convolution's output, from the edge sums through tap_edges
+    w3 = torch.randn(32, 32, 3, 3, dtype=torch.float64)
+    conv_sum = torch.nn.functional.conv2d(gx.double(), w3, padding=1).sum((2, 3))
+    exact = named(gx.double())
+    edges = torch.stack([exact[e] for e in Edge], 2)
+    via_edges = torch.einsum('nie,oie->no', edges, edge_taps(w3, tap_edges().double()))
+    torch.testing.assert_close(via_edges, conv_sum)

@@ -7,32 +7,26 @@ tensors: those need neither Triton nor a GPU and always run.
 """
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from ema_hub import EMA
 from ema_hub.layers import ops
+from support.scripts import run_script
 
-_INTERPRETED = textwrap.dedent('''
+_INTERPRETED = '''
     import json, torch
     from ema_hub.layers import algebra, eager, ops, ema_triton
-    from ema_hub import EMA
     from ema_hub.reference import ReferenceEMA
+    from support.models import acting_layer
     ops.ema_triton = ema_triton
 
-    def rel(a, b):
+    def rel(a, b):  # relative to the whole tensor's norm: a few near-zero entries say nothing of the kernel
         return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
     def layer(ch, factor, seed):
-        torch.manual_seed(seed)
-        m = EMA(ch, factor)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.normal_(0.0, 0.5)
+        m = acting_layer(ch, factor, seed)
         ref = ReferenceEMA(ch, m.groups).double()
         ref.load_state_dict(m.state_dict())
         return m, ref
@@ -70,14 +64,13 @@ _INTERPRETED = textwrap.dedent('''
                                              ref.conv3x3.weight, ref.conv3x3.bias)]  # the operator's order
         res['backward'].append(max(rel(a, b) for a, b in zip(got, want)))
     print(json.dumps(res))
-''')
+'''
 
 
 @pytest.fixture(scope='module')
 def interpreted():
     pytest.importorskip('triton')  # only the kernels themselves need it
-    run = subprocess.run([sys.executable, '-c', _INTERPRETED], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, 'TRITON_INTERPRET': '1'})
+    run = run_script(_INTERPRETED, env={**os.environ, 'TRITON_INTERPRET': '1'}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

@@ -88,6 +88,11 @@ def test_timm_model_without_known_blocks_or_with_attention_is_refused():
         ema_hub.add_ema(SmallCNN())
     with pytest.raises(UsageError, match='already has an attention layer'):
         ema_hub.add_ema(timm.create_model('seresnet18'))
+    # ConvNeXt's site needs the linear MLP's last slot and the layer scale the warm start folds into
+    with pytest.raises(UsageError, match='has use_conv_mlp set'):
+        ema_hub.add_ema(timm.create_model('convnext_atto', conv_mlp=True))
+    with pytest.raises(UsageError, match='has no gamma'):
+        ema_hub.add_ema(timm.create_model('convnextv2_atto', conv_mlp=False))
 
 
 def test_any_module_keeps_function_and_attributes():

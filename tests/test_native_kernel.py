@@ -2,9 +2,6 @@
 tested against the reference in test_ema_layer.py, beside the PyTorch-ops form."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
@@ -14,6 +11,7 @@ from ema_hub import EMA
 from ema_hub.layers import algebra, eager, native
 from ema_hub.reference import ReferenceEMA
 from support.models import acting_layer
+from support.scripts import run_script
 
 
 @pytest.fixture
@@ -51,20 +49,16 @@ def test_turned_off_by_environment(fresh_build, monkeypatch):
 
 # A fresh process computes the layer (forward and input gradient, fp32 on the CPU: the kernels' case) against the
 # reference in fp64, and prints whether the kernels loaded and the EMA warnings it saw.
-_CHECK_LAYER = textwrap.dedent('''
+_CHECK_LAYER = '''
     import json, warnings
     warnings.simplefilter('always')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         import torch
-        from ema_hub import EMA
         from ema_hub.layers import native
         from ema_hub.reference import ReferenceEMA
-        torch.manual_seed(0)
-        layer = EMA(64)
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.normal_(0.0, 0.5)
+        from support.models import acting_layer, rel_err
+        layer = acting_layer(64)
         ref = ReferenceEMA(64, layer.groups).double()
         ref.load_state_dict(layer.state_dict())
         x = torch.randn(2, 64, 9, 7, requires_grad=True)
@@ -72,18 +66,16 @@ _CHECK_LAYER = textwrap.dedent('''
         dy = torch.randn(2, 64, 9, 7)
         y, y_ref = layer(x), ref(x64)
         grads = torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(y_ref, x64, dy.double())[0]
-        for got, want in [(y, y_ref), grads]:
-            torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+        assert all(rel_err(got.double(), want) < 1e-4 for got, want in [(y, y_ref), grads])
         loaded = native.available()
     print(json.dumps({'native': loaded, 'warnings': [str(w.message) for w in caught if 'EMA' in str(w.message)]}))
-''')
+'''
 
 
 def _check_layer(cache, **env):
     """Run _CHECK_LAYER with its own cache (and ``env``); its result: whether the kernels loaded, the warnings."""
     environ = {k: v for k, v in os.environ.items() if k not in ('CC', 'EMA_HUB_NATIVE', 'EMA_HUB_CC_TIMEOUT')}
-    run = subprocess.run([sys.executable, '-c', _CHECK_LAYER], capture_output=True, text=True, timeout=300,
-                         env={**environ, 'XDG_CACHE_HOME': str(cache), **env})
+    run = run_script(_CHECK_LAYER, env={**environ, 'XDG_CACHE_HOME': str(cache), **env})
     assert run.returncode == 0, run.stderr  # a cut-off library in the cache ended the process with 135 (SIGBUS)
     result = json.loads(run.stdout)
     return result['native'], result['warnings']
@@ -143,14 +135,10 @@ def test_other_dtypes_and_devices_take_pytorch_ops():
 def test_threads_follow_torch(tmp_path):
     """The kernels run on torch.get_num_threads() threads; one thread gives the same results as several (the
     parameters' gradients are summed over groups in PyTorch, not across threads)."""
-    script = textwrap.dedent('''
+    run = run_script('''
         import torch
-        from ema_hub import EMA
-        torch.manual_seed(0)
-        m = EMA(256)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.normal_(0, 0.5)
+        from support.models import acting_layer
+        m = acting_layer(256)
         x = torch.randn(3, 256, 17, 19)
         dy = torch.randn_like(x)
         outs = []
@@ -161,7 +149,6 @@ def test_threads_follow_torch(tmp_path):
             outs.append([y.detach()] + list(torch.autograd.grad(y, [xr, *m.parameters()], dy)))
         print(all(torch.equal(a, b) for o in outs for a, b in zip(outs[0], o)))
     ''')
-    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == 'True'
 
@@ -205,7 +192,7 @@ def test_every_vector_width_computes_the_same(monkeypatch, tmp_path):
         results = []
         for x in inputs:
             out = torch.empty_like(x)
-            stats = native.forward(x, layer.groups, params, layer.gn.eps, out)
+            stats = native.forward(x, layer.groups, params, layer.tap_edges, layer.gn.eps, out)
             gx = algebra.grouped(x, layer.groups).contiguous()
             n, c, h, w = gx.shape
             gates = algebra.gates(stats[1], params.w1, params.b1)
@@ -242,8 +229,8 @@ def test_channels_last_equals_contiguous(b, c, h, w, factor):
     x = torch.randn(b, c, h, w) * 2 + 0.5
     x_cl = x.contiguous(memory_format=torch.channels_last)
     out, out_cl = torch.empty_like(x), torch.empty_like(x_cl)
-    stats = native.forward(x, layer.groups, params, layer.gn.eps, out)
-    stats_cl = native.forward(x_cl, layer.groups, params, layer.gn.eps, out_cl)
+    stats = native.forward(x, layer.groups, params, layer.tap_edges, layer.gn.eps, out)
+    stats_cl = native.forward(x_cl, layer.groups, params, layer.tap_edges, layer.gn.eps, out_cl)
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
     for name, got, want in zip(['out', 'gate', 'pooled', 'edges', 'sums'], (out_cl, *stats_cl), (out, *stats)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),

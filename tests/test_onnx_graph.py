@@ -5,25 +5,23 @@ import pytest
 import torch
 from torch import nn
 
-import ema_hub
 from ema_hub.export import export_module
 from ema_hub.layers.onnx_graph import SMALL_MAP
+from support.models import acting_layer
 
 onnx = pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 
 
 def _net(channels: int, factor: int) -> nn.Module:
-    """conv, BatchNorm, EMA with parameters away from their start, so that every part of EMA acts; the first
-    channels offset far from zero with a small spread."""
-    torch.manual_seed(channels + factor)
-    net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), ema_hub.EMA(channels, factor))
+    """conv, BatchNorm, an EMA whose every part acts (``acting_layer``); the first channels offset far from zero
+    with a small spread."""
+    ema = acting_layer(channels, factor, seed=channels + factor)
+    net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), ema)
     with torch.no_grad():
         bn = net[1]
         bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2)
         bn.weight[:4], bn.bias[:4] = 0.02, 3.0
-        for p in net[2].parameters():
-            p.normal_(0, 0.5)
     return net.eval()
 
 

@@ -44,11 +44,14 @@ def load_model(spec: str, weights: Optional[str] = None, device: Optional[torch.
     return model
 
 
-def eval_transform(model: nn.Module) -> Tuple[Callable, Optional[int], Dict[str, object]]:
-    """timm's eval transform for ``model``'s pretrained cfg, the shorter side it resizes to, and the data config."""
+def eval_transform(model: nn.Module, squash: bool = False) -> Tuple[Callable, Optional[int], Dict[str, object]]:
+    """timm's eval transform for ``model``'s pretrained cfg, the shorter side it resizes to, and the data config.
+    ``squash``: the whole image resized to the input size, not cropped (so a map of the input covers the image)."""
     from timm.data import create_transform, resolve_data_config
 
     config = resolve_data_config({}, model=model)
+    if squash:
+        config = dict(config, crop_pct=1.0, crop_mode='squash')
     transform = create_transform(**config, is_training=False)
     resize = None
     for t in getattr(transform, 'transforms', [transform]):
@@ -76,10 +79,15 @@ def run_model(
         world_size: int = 1,
         progress: Optional[Callable[[int], None]] = None,
         set_threads: bool = False,
+        grad: bool = False,
+        squash: bool = False,
 ) -> Iterator[List[Tuple[InputEntry, Optional[torch.Tensor], Optional[str]]]]:
     """Yield, per model batch and in input order, ``(entry, output row on cpu (float32) or None, error or None)``.
 
-    ``forward(model, x)`` maps a batch to outputs (logits, features). ``progress(n)`` is called as images finish.
+    ``forward(model, x)`` maps a batch to outputs (logits, features), or to a tuple of such batches (a row is
+    then a tuple). ``grad``: forward runs with autograd on (methods that take gradients), not in inference
+    mode. ``squash``: the images resized whole, not center-cropped (``eval_transform``). ``progress(n)`` is
+    called as images finish.
     ``amp``: mixed precision under ``devices.autocast``'s policy.
     ``workers``: DataLoader processes (default: the worker policy, ``data.decode_workers``). ``set_threads``
     (for programs that own their process, like the CLI): on cpu, give torch the cores the decoding processes
@@ -90,7 +98,7 @@ def run_model(
     device = device or next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
     workers = decode_workers(device, world_size) if workers is None else workers
-    transform, resize, _ = eval_transform(model)
+    transform, resize, _ = eval_transform(model, squash)
     # Loader chunks: small enough that every worker has work early and the model is fed soon.
     chunk = max(1, min(batch_size, math.ceil(batch_size / max(1, workers)), 8))
     n_chunks = math.ceil(len(entries) / chunk) if entries else 0
@@ -107,8 +115,10 @@ def run_model(
             x = x.to(device, non_blocking=device.type == 'cuda')
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast(device, amp):
-                rows = iter(forward(model, x).float().cpu())
+            with (torch.enable_grad() if grad else torch.inference_mode()), autocast(device, amp):
+                result = forward(model, x)
+            rows = (zip(*(t.detach().float().cpu() for t in result)) if isinstance(result, tuple)
+                    else iter(result.detach().float().cpu()))
         out = [(entries[s.index], next(rows) if s.tensor is not None else None, s.error) for s in samples]
         if progress is not None:
             progress(len(samples))

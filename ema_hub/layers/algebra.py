@@ -14,13 +14,29 @@ Per group (channels folded into the batch, c = C/G channels each, P = H*W pixels
 Every form of the layer (the CPU and CUDA kernels, the PyTorch-ops fallback, ``ema_portable``) shares the
 small per-channel algebra below.
 """
+from enum import IntEnum
 from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['Params', 'TapWeights', 'Coefficients', 'Stats', 'tap_edges', 'grouped', 'edge_sums', 'gates', 'shift',
-           'tap_weights', 'softmax2', 'coefficients', 'ema_portable']
+__all__ = ['Edge', 'Params', 'TapWeights', 'Coefficients', 'Stats', 'tap_edges', 'edge_taps', 'grouped', 'edge_sums',
+           'gates', 'shift', 'tap_weights', 'softmax2', 'coefficients', 'ema_portable']
+
+
+class Edge(IntEnum):
+    """The nine edge sums of a channel, in the order every form of the layer stores them: ``edge_sums`` writes
+    them so, and the C and Triton kernels get these positions from here (``native`` passes them to the compiler
+    as ``EDGE_<NAME>``; ``ema_triton`` reads them as constants)."""
+    TOTAL = 0
+    FIRST_ROW = 1
+    LAST_ROW = 2
+    FIRST_COL = 3
+    LAST_COL = 4
+    X00 = 5  # the corners: first row's first and last pixel, last row's first and last
+    X0L = 6
+    XL0 = 7
+    XLL = 8
 
 
 class Params(NamedTuple):
@@ -61,17 +77,22 @@ class Stats(NamedTuple):
 
 
 def tap_edges() -> torch.Tensor:
-    """(9, 9) map from 3x3 kernel taps to the nine edge sums: sum_p conv3x3(x)[p] = sum_e E[e] (W @ this)[e].
+    """(9, 9) map from 3x3 kernel taps to the nine edge sums (``Edge``): sum_p conv3x3(x)[p] = sum_e E[e] (W @ this)[e].
 
     With zero padding, tap (i, j) sees the whole map minus the last row (i = 0) or the first (i = 2),
-    minus the last column (j = 0) or the first (j = 2), plus the corner both removed. Edge sums are ordered
-    [total, first row, last row, first column, last column, x00, x0l, xl0, xll] (``edge_sums``).
+    minus the last column (j = 0) or the first (j = 2), plus the corner both removed.
     """
-    m = torch.zeros(3, 3, 9)
-    m[:, :, 0] = 1
-    m[2, :, 1] = m[0, :, 2] = m[:, 2, 3] = m[:, 0, 4] = -1
-    m[2, 2, 5] = m[2, 0, 6] = m[0, 2, 7] = m[0, 0, 8] = 1
-    return m.reshape(9, 9)
+    m = torch.zeros(3, 3, len(Edge))
+    m[:, :, Edge.TOTAL] = 1
+    m[2, :, Edge.FIRST_ROW] = m[0, :, Edge.LAST_ROW] = m[:, 2, Edge.FIRST_COL] = m[:, 0, Edge.LAST_COL] = -1
+    m[2, 2, Edge.X00] = m[2, 0, Edge.X0L] = m[0, 2, Edge.XL0] = m[0, 0, Edge.XLL] = 1
+    return m.reshape(9, len(Edge))
+
+
+def edge_taps(w3: torch.Tensor, edges_of_taps: torch.Tensor) -> torch.Tensor:
+    """conv3x3's weights (out, in, 3, 3) against the nine edge sums (out, in, edge), through ``tap_edges``."""
+    c = w3.shape[0]
+    return torch.matmul(w3.reshape(c, c, 9), edges_of_taps)
 
 
 def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -80,7 +101,8 @@ def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def edge_sums(rows: torch.Tensor, cols: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """(n, c, 9) edge sums from row sums (n, c, H), column sums (n, c, W), corners x00, x0l, xl0, xll (n, c, 4)."""
+    """(n, c, 9) edge sums in ``Edge``'s order from row sums (n, c, H), column sums (n, c, W), corners x00, x0l,
+    xl0, xll (n, c, 4). TorchScript compiles this (``ema_portable``), so the order is written out."""
     h, w = rows.shape[2], cols.shape[2]
     return torch.cat([  # (narrow, not [-1:]: with a symbolic size, export could not prove a negative slice valid)
         rows.sum(2, keepdim=True),
@@ -114,7 +136,7 @@ def tap_weights(p: Params, edges_of_taps: torch.Tensor) -> TapWeights:
     c = p.w3.shape[0]
     s1 = torch.softmax(p.beta, dim=0)
     return TapWeights(
-        taps_e=torch.matmul(p.w3.reshape(c, c, 9), edges_of_taps),
+        taps_e=edge_taps(p.w3, edges_of_taps),
         s1=s1,
         taps_mix=torch.matmul(s1, p.w3.reshape(c, c * 9)).reshape(c, 9).t(),
         const=(s1 * p.b3).sum(),

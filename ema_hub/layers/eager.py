@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .algebra import Coefficients, Params, edge_sums, gates as gates_of, shift as shift_of
+from .algebra import Coefficients, Edge, Params, edge_sums, gates as gates_of, shift as shift_of
 
 __all__ = ['forward', 'backward_full_size', 'pool']
 
@@ -178,18 +178,16 @@ def _input_grad(da: torch.Tensor, gh: torch.Tensor, gw: torch.Tensor, dy: torch.
     maps above 256 pixels (``_input_grad_small`` takes the others)."""
     n, c, h, w = da.shape
     # Row and column sums reach every pixel of their row / column; edges add to their row, column, corner.
-    drows = dpooled[:, :, :h] / w + dedges[:, :, :1]
+    drows = dpooled[:, :, :h] / w + dedges[:, :, Edge.TOTAL:Edge.TOTAL + 1]
     dcols = dpooled[:, :, h:] / h
-    drows[:, :, 0].add_(dedges[:, :, 1])
-    drows[:, :, h - 1].add_(dedges[:, :, 2])
-    dcols[:, :, 0].add_(dedges[:, :, 3])
-    dcols[:, :, w - 1].add_(dedges[:, :, 4])
+    drows[:, :, 0].add_(dedges[:, :, Edge.FIRST_ROW])
+    drows[:, :, h - 1].add_(dedges[:, :, Edge.LAST_ROW])
+    dcols[:, :, 0].add_(dedges[:, :, Edge.FIRST_COL])
+    dcols[:, :, w - 1].add_(dedges[:, :, Edge.LAST_COL])
     # The column term rides on the multiply by gate_h (addcmul's broadcast input): one pass fewer.
     dx = torch.addcmul(dcols.unsqueeze(2), da.mul_(gw), gh, out=da).addcmul_(dy, gate).add_(drows.unsqueeze(3))
-    dcorner = dedges[:, :, 5:].view(n, c, 2, 2)
-    for i, r in enumerate((0, h - 1)):
-        for j, col in enumerate((0, w - 1)):
-            dx[:, :, r, col].add_(dcorner[:, :, i, j])
+    for edge, r, col in ((Edge.X00, 0, 0), (Edge.X0L, 0, w - 1), (Edge.XL0, h - 1, 0), (Edge.XLL, h - 1, w - 1)):
+        dx[:, :, r, col].add_(dedges[:, :, edge])
     return dx
 
 

@@ -107,6 +107,14 @@ class EMA(nn.Module):
                             params.w3.detach(), params.b3.detach())
         return ema_portable(x, self.groups, params, self.tap_edges, self.gn.eps)[0]
 
+    @torch.jit.unused
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate sigmoid(cross) this layer multiplies ``x`` (B, C, H, W) by, per group: (B, groups, H, W), float32.
+        Every gate is 0.5 while gn and conv3x3 are zero (a warm start before fine-tuning)."""
+        with torch.no_grad():
+            gate = ops.ema_forward(x, *self.params(), self.tap_edges, self.groups, self.gn.eps)[1]
+        return gate.reshape(x.shape[0], self.groups, x.shape[2], x.shape[3])
+
     def params(self) -> Params:
         return Params(self.conv1x1.weight, _bias(self.conv1x1.bias), self.gn.weight, self.gn.bias,
                       self.conv3x3.weight, _bias(self.conv3x3.bias))

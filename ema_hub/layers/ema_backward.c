@@ -203,18 +203,18 @@ static void group_backward(const BackArgs *A, long g, float *scratch) {
         float *dt = dtaps + ch;
         dt[0] = d0; dt[c] = d1; dt[2 * c] = d2; dt[3 * c] = d3; dt[4 * c] = d4;
         dt[5 * c] = d5; dt[6 * c] = d6; dt[7 * c] = d7; dt[8 * c] = d8;
-        for (long i = 0; i < H; i++) drows[i] = dp[i] / W + de[0];
+        for (long i = 0; i < H; i++) drows[i] = dp[i] / W + de[EDGE_TOTAL];
         for (long j = 0; j < W; j++) dcols[j] = dp[H + j] / H;
-        drows[0] += de[1];
-        drows[H - 1] += de[2];
-        dcols[0] += de[3];
-        dcols[W - 1] += de[4];
+        drows[0] += de[EDGE_FIRST_ROW];
+        drows[H - 1] += de[EDGE_LAST_ROW];
+        dcols[0] += de[EDGE_FIRST_COL];
+        dcols[W - 1] += de[EDGE_LAST_COL];
         for (long i = 0; i < H; i++)
             for (long j = 0; j < W; j++) dxc[i * W + j] += drows[i] + dcols[j];
-        dxc[0] += de[5];
-        dxc[W - 1] += de[6];
-        dxc[(H - 1) * W] += de[7];
-        dxc[P - 1] += de[8];
+        dxc[0] += de[EDGE_X00];
+        dxc[W - 1] += de[EDGE_X0L];
+        dxc[(H - 1) * W] += de[EDGE_XL0];
+        dxc[P - 1] += de[EDGE_XLL];
     }
 }
 

@@ -23,6 +23,7 @@ typedef struct {
     const float *w1, *b1;            /* conv1x1 (c, c), (c) */
     const float *gamma, *beta;       /* gn (c) */
     const float *w3, *b3;            /* conv3x3 (c, c, 3, 3), (c) */
+    const float *taps_e;             /* (c, c, 9): conv3x3's weights against the edge sums (algebra.edge_taps) */
     float eps;
     long n, c, h, w;
     int threads;
@@ -79,20 +80,6 @@ static void sigmoid_inplace(float *p, long n) {
     }
 }
 
-/* taps_e for one (output, input) channel pair: its 3x3 taps t mapped onto the nine edge sums, as algebra.tap_edges
-   does in ema.py. With zero padding, tap (i, j) sees the whole map minus the last row (i = 0) or the first
-   (i = 2), minus the last column (j = 0) or the first (j = 2), plus the corner both removed. */
-static void tap_edges(const float *t, float *e) {
-    float total = 0.f;
-    for (int i = 0; i < 9; i++) total += t[i];
-    e[0] = total;
-    e[1] = -(t[6] + t[7] + t[8]);  /* first row */
-    e[2] = -(t[0] + t[1] + t[2]);  /* last row */
-    e[3] = -(t[2] + t[5] + t[8]);  /* first column */
-    e[4] = -(t[0] + t[3] + t[6]);  /* last column */
-    e[5] = t[8]; e[6] = t[6]; e[7] = t[2]; e[8] = t[0];  /* corners x00, x0l, xl0, xll */
-}
-
 static int shared_init(const Args *A, Shared *S) {
     const long c = A->c, cp = ROUND16(c);
     float *mem = calloc((size_t)(c * cp + cp + c * 9 * cp + 9 * c + c), sizeof(float));
@@ -108,8 +95,7 @@ static int shared_init(const Args *A, Shared *S) {
     }
     for (long o = 0; o < c; o++)
         for (long k = 0; k < c; k++) {
-            float e[9];
-            tap_edges(A->w3 + (o * c + k) * 9, e);
+            const float *e = A->taps_e + (o * c + k) * 9;
             float *te = S->taps_et + ((o / VL) * c * 9 + k * 9) * VL + o % VL;
             for (int j = 0; j < 9; j++) te[j * VL] = e[j];
         }
@@ -170,13 +156,14 @@ static long scratch_floats(long c, long h, long w) {
     return scratch_layout(c, h, w, NULL, &S);
 }
 
-/* The end of step 1 for one channel: its edge sums (algebra.edge_sums' order) from its row and column sums (pooled,
+/* The end of step 1 for one channel: its edge sums (at algebra.Edge's positions) from its row and column sums (pooled,
    H then W) and its corners x00, x0l, xl0, xll; then the sums made means. */
 static void edges_and_means(float *pooled, long H, long W, float x00, float x0l, float xl0, float xll, float *e) {
     float *rows = pooled, *cols = pooled + H, total = 0.f;
     for (long i = 0; i < H; i++) total += rows[i];
-    e[0] = total; e[1] = rows[0]; e[2] = rows[H - 1]; e[3] = cols[0]; e[4] = cols[W - 1];
-    e[5] = x00; e[6] = x0l; e[7] = xl0; e[8] = xll;
+    e[EDGE_TOTAL] = total; e[EDGE_FIRST_ROW] = rows[0]; e[EDGE_LAST_ROW] = rows[H - 1];
+    e[EDGE_FIRST_COL] = cols[0]; e[EDGE_LAST_COL] = cols[W - 1];
+    e[EDGE_X00] = x00; e[EDGE_X0L] = x0l; e[EDGE_XL0] = xl0; e[EDGE_XLL] = xll;
     const float rw = 1.0f / (float)W, rh = 1.0f / (float)H;  /* multiplies: divides are slow */
     for (long i = 0; i < H; i++) rows[i] *= rw;
     for (long j = 0; j < W; j++) cols[j] *= rh;

@@ -17,6 +17,12 @@
 #endif
 #endif
 #define VL EMA_VL
+
+/* The edge sums' positions (EDGE_TOTAL, EDGE_FIRST_ROW, ...) are algebra.Edge's, which native.py defines on the
+   compiler's command line: the order is written in one place. */
+#ifndef EDGE_XLL
+#error "compile through ema_hub/layers/native.py, which defines the EDGE_* positions from algebra.Edge"
+#endif
 #define ROUND_VL(n) (((n) + VL - 1) / VL * VL)
 #define ROUND16(n) (((n) + 15) / 16 * 16)
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));

@@ -19,7 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .algebra import Edge
+
 __all__ = ['pool', 'apply']
+
+# The edge sums' positions (algebra.Edge), as constants the kernels can read.
+_TOTAL, _FIRST_ROW, _LAST_ROW, _FIRST_COL, _LAST_COL, _X00, _X0L, _XL0, _XLL = (tl.constexpr(int(e)) for e in Edge)
 
 # Elements per tile (channels x rows x columns, each a power of two): a few rows of a group at a time.
 _TILE = 1024
@@ -57,19 +62,19 @@ def _pool_kernel(x_ptr, pooled_ptr, edges_ptr, groups, c, H, W, sb, sc, sh, sw,
         last_row += tl.sum(tl.where(h0 + h2 == H - 1, rows, 0.), 1)
         cols += tl.sum(xt, 1)
     tl.store(pooled + H + w2, cols / H, mask=(c2 < c) & (w2 < W))
-    # The nine edge sums of algebra.edge_sums: total, first/last row, first/last column, four corners.
+    # The nine edge sums, at algebra.Edge's positions.
     cm = c1 < c
     edges = edges_ptr + pid.to(tl.int64) * c * 9 + c1 * 9
-    tl.store(edges, tl.sum(cols, 1), mask=cm)
-    tl.store(edges + 1, first_row, mask=cm)
-    tl.store(edges + 2, last_row, mask=cm)
-    tl.store(edges + 3, tl.sum(tl.where(w2 == 0, cols, 0.), 1), mask=cm)
-    tl.store(edges + 4, tl.sum(tl.where(w2 == W - 1, cols, 0.), 1), mask=cm)
+    tl.store(edges + _TOTAL, tl.sum(cols, 1), mask=cm)
+    tl.store(edges + _FIRST_ROW, first_row, mask=cm)
+    tl.store(edges + _LAST_ROW, last_row, mask=cm)
+    tl.store(edges + _FIRST_COL, tl.sum(tl.where(w2 == 0, cols, 0.), 1), mask=cm)
+    tl.store(edges + _LAST_COL, tl.sum(tl.where(w2 == W - 1, cols, 0.), 1), mask=cm)
     corner = base + c1 * sc
-    tl.store(edges + 5, tl.load(corner, mask=cm, other=0.).to(tl.float32), mask=cm)
-    tl.store(edges + 6, tl.load(corner + (W - 1) * sw, mask=cm, other=0.).to(tl.float32), mask=cm)
-    tl.store(edges + 7, tl.load(corner + (H - 1) * sh, mask=cm, other=0.).to(tl.float32), mask=cm)
-    tl.store(edges + 8, tl.load(corner + (H - 1) * sh + (W - 1) * sw, mask=cm, other=0.).to(tl.float32), mask=cm)
+    tl.store(edges + _X00, tl.load(corner, mask=cm, other=0.).to(tl.float32), mask=cm)
+    tl.store(edges + _X0L, tl.load(corner + (W - 1) * sw, mask=cm, other=0.).to(tl.float32), mask=cm)
+    tl.store(edges + _XL0, tl.load(corner + (H - 1) * sh, mask=cm, other=0.).to(tl.float32), mask=cm)
+    tl.store(edges + _XLL, tl.load(corner + (H - 1) * sh + (W - 1) * sw, mask=cm, other=0.).to(tl.float32), mask=cm)
 
 
 @triton.jit

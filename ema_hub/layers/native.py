@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..files import atomic_path
-from .algebra import Coefficients, Params
+from .algebra import Coefficients, Edge, Params, edge_taps
 
 __all__ = ['available', 'supports', 'forward', 'backward']
 
@@ -45,13 +45,15 @@ _FLAG_SETS = (
     ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-shared', '-fPIC'],
     ['-O3', '-fopenmp', '-fno-math-errno', '-shared', '-fPIC'],
 )
+# The edge sums' positions, from their one definition.
+_DEFINES = [f'-DEDGE_{edge.name}={edge.value}' for edge in Edge]
 _TIMEOUT_S = 120.0  # the default limit of a compiler call; a build takes about a second
 
 
 class _Args(ctypes.Structure):
     """The kernel's ``Args`` (ema_forward.c), field for field."""
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        'x', 'out', 'gate', 'pooled', 'edges', 'sums', 'w1', 'b1', 'gamma', 'beta', 'w3', 'b3')] + [
+        'x', 'out', 'gate', 'pooled', 'edges', 'sums', 'w1', 'b1', 'gamma', 'beta', 'w3', 'b3', 'taps_e')] + [
         ('eps', ctypes.c_float), ('n', ctypes.c_long), ('c', ctypes.c_long), ('h', ctypes.c_long),
         ('w', ctypes.c_long), ('threads', ctypes.c_int), ('channels_last', ctypes.c_int), ('groups', ctypes.c_long)]
 
@@ -77,8 +79,10 @@ def supports(x: torch.Tensor, params: List[torch.Tensor], dtype: Optional[torch.
             and all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in params) and available())
 
 
-def forward(x: torch.Tensor, groups: int, p: Params, eps: float, out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """EMA's forward on ``x`` (B, C, H, W), contiguous or channels_last, into ``out`` (the same shape and layout).
+def forward(x: torch.Tensor, groups: int, p: Params, edges_of_taps: torch.Tensor, eps: float,
+            out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """EMA's forward on ``x`` (B, C, H, W), contiguous or channels_last, into ``out`` (the same shape and layout);
+    ``edges_of_taps`` is ``algebra.tap_edges()``.
 
     Returns the gate sigmoid(cross) (n, H, W), the pooled means (n, c, H + W), the edge sums (n, c, 9), and the
     sum and sum of squares of a - shift (2, n, c), n = B * groups and c = C / groups: ``algebra.Stats``, as
@@ -92,7 +96,7 @@ def forward(x: torch.Tensor, groups: int, p: Params, eps: float, out: torch.Tens
         for t in (x, out))
     gate, pooled = x.new_empty(n, h, w), x.new_empty(n, c, h + w)
     edges, sums = x.new_empty(n, c, 9), x.new_empty(2, n, c)
-    params = [t.contiguous() for t in p]  # kept alive until the kernel returns
+    params = [t.contiguous() for t in (*p, edge_taps(p.w3, edges_of_taps))]  # kept alive until the kernel returns
     args = _Args(*(t.data_ptr() for t in (x, out, gate, pooled, edges, sums, *params)), eps, n, c, h, w,
                  torch.get_num_threads(), channels_last, groups)
     if _library().ema_forward(ctypes.byref(args)):
@@ -151,14 +155,14 @@ def _built() -> Path:
     source = [path.read_bytes() for path in (*_SOURCES, _HEADER)]
     error = ''
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(repr((source, compiler, flags, version, platform.machine(), _cpu())).encode())
+        key = hashlib.sha256(repr((source, compiler, flags, _DEFINES, version, platform.machine(), _cpu())).encode())
         target = cache / f'ema_kernels-{key.hexdigest()[:16]}.so'
         if _verified(target):
             return target
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: atomic for other processes
             built = Path(tmp) / target.name
-            run = _run([*compiler, *flags, *map(str, _SOURCES), '-o', str(built), '-lm'])
+            run = _run([*compiler, *flags, *_DEFINES, *map(str, _SOURCES), '-o', str(built), '-lm'])
             if run.returncode == 0:
                 _install(built, target)
                 return target

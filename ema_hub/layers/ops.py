@@ -84,7 +84,8 @@ def _run(x: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor, beta: Tensor, w3: Ten
     layout = _output_format(x, keep_layout)
     out = torch.empty_like(x, dtype=dtype, memory_format=layout)
     if native.supports(x, list(p), dtype):  # half precision: widened in one pass for the float32 kernel
-        gate, pooled, edges, sums = native.forward(x.to(dtype, memory_format=layout), groups, p, eps, out)
+        gate, pooled, edges, sums = native.forward(x.to(dtype, memory_format=layout), groups, p, tap_edges.to(dtype),
+                                                   eps, out)
     else:
         gx = grouped(x, groups).to(dtype).contiguous()
         buf = out if out.is_contiguous() else torch.empty(x.shape, dtype=dtype, device=x.device)

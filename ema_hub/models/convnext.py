@@ -1,6 +1,5 @@
-"""ConvNeXt with EMA in every block: after the MLP, before the layer scale and the residual add, the factor 2 of
-the warm start folded into the layer scale ``gamma`` (``ema_hub.graft``). Each is the base as timm builds it, with
-EMA grafted in.
+"""ConvNeXt with EMA in every block, each the base as timm builds it with EMA grafted at the family's placement
+(``ema_hub.placement.FAMILIES['convnext']``).
 """
 from timm.models import generate_default_cfgs, register_model
 from torch import nn

@@ -1,7 +1,5 @@
-"""Variants of timm's EfficientNet builder: MobileNetV2, MobileNetV3 and EfficientNet with EMA where the paper's
-own timm fork places it (``ema_hub.graft.graft_family``): after squeeze-excitation, or the depthwise
-convolution where a block has none, before the pointwise projection, in the inverted residuals wider than 144
-(and depthwise-separable blocks wider than 320). Each is the base as timm builds it, with EMA grafted in.
+"""Variants of timm's EfficientNet builder: MobileNetV2, MobileNetV3 and EfficientNet, each the base as timm builds
+it with EMA grafted where the paper's own timm fork places it (``ema_hub.placement.FAMILIES['efficientnet']``).
 Expanded widths the factor does not divide (240, 672, ...) follow ``ema_hub.layers.ema_groups``.
 """
 from timm.models import generate_default_cfgs, register_model

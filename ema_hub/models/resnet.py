@@ -1,7 +1,7 @@
 """ResNet and ResNeXt with EMA in every residual block.
 
-EMA goes where timm puts channel attention (``block_args=dict(attn_layer=...)``): after the last BatchNorm
-of each block, before the residual add. Architecture arguments come from ``ema_hub.registry.VARIANTS``.
+EMA is timm's own channel attention slot's layer (``block_args=dict(attn_layer=EMA)``), which is the family's
+placement (``ema_hub.placement.FAMILIES['resnet']``). Architecture arguments come from ``ema_hub.registry.VARIANTS``.
 """
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
